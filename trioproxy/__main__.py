@@ -1,0 +1,3 @@
+from trioproxy.cli import main
+
+raise SystemExit(main())

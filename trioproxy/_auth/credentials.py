@@ -1,0 +1,78 @@
+"""Who may log in, with what, and which credentials the proxy uses for the server.
+
+[core] Built once from the configuration (and rebuilt on reload). Client verifiers are
+derived here, at load time, so no PBKDF2 ever runs per login on the event loop. An unknown
+user gets a deterministic mock verifier: the SCRAM exchange looks the same and fails at
+the same step as a wrong password, so user names cannot be enumerated.
+
+Later sources (IAM tokens, secret providers) plug in as further fields of
+``UserCredentials`` without changing the callers.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Protocol
+
+import attrs
+
+from trioproxy._auth.scram import ScramVerifier
+
+
+class UserSource(Protocol):
+    """What the store needs of a configured user (``trioproxy.config.UserConfig``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def scram_verifier(self) -> str | None: ...
+    @property
+    def backend_user(self) -> str: ...
+    @property
+    def backend_password(self) -> str | None: ...
+
+
+@attrs.frozen(kw_only=True)
+class UserCredentials:
+    name: str
+    verifier: ScramVerifier = attrs.field(repr=False)
+    backend_user: str
+    backend_password: str | None = attrs.field(repr=False)
+
+
+class CredentialStore:
+    def __init__(self, users: Mapping[str, UserSource], *, mock_secret: bytes | None = None) -> None:
+        self._mock_secret = mock_secret if mock_secret is not None else secrets.token_bytes(32)
+        self._users: dict[str, UserCredentials] = {}
+        for name, user in users.items():
+            if user.scram_verifier:
+                verifier = ScramVerifier.parse(user.scram_verifier)
+            elif user.password is not None:
+                verifier = ScramVerifier.from_password(user.password)
+            else:
+                raise ValueError(f"user {name!r} has neither a password nor a scram_verifier")
+            backend_password = (
+                user.backend_password if user.backend_password is not None else user.password
+            )
+            self._users[name] = UserCredentials(
+                name=name,
+                verifier=verifier,
+                backend_user=user.backend_user or name,
+                backend_password=backend_password,
+            )
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def lookup(self, name: str) -> UserCredentials | None:
+        return self._users.get(name)
+
+    def verifier_for(self, name: str) -> ScramVerifier:
+        """The user's verifier, or a mock one that no proof can satisfy."""
+        user = self._users.get(name)
+        if user is not None:
+            return user.verifier
+        return ScramVerifier.mock_for(name, self._mock_secret)

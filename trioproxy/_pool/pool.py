@@ -1,0 +1,245 @@
+"""The trio shell of the server-connection pool.
+
+[shell] All bookkeeping lives in ``PoolCore`` (sync, so trio can never interrupt a change
+half-way). This module only waits, opens, and closes:
+
+* ``borrow()`` parks on an Event; the core hands a returned connection straight to the
+  first waiter (FIFO). Whatever happens (timeout, cancellation, a failed open), the
+  ``finally`` calls ``core.cancel(waiter)``, which is idempotent: no slot ever leaks.
+* ``release()`` is sync. A clean connection goes back at once. A connection left inside a
+  transaction at a message boundary is rolled back by the pool's *own* service nursery
+  (bounded by a timeout), not by the client task; anything else is closed.
+* A maintenance task closes idle connections past their idle timeout or lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from trioproxy._pool.core import Effects, Grant, Open, PoolCore, PoolStatistics, Wait
+from trioproxy._protocol.codes import TxStatus
+from trioproxy._server.backend import BackendTarget, ServerConnection, connect_server
+from trioproxy._server.transport import TransportClosed
+from trioproxy.errors import BackendError, BorrowTimeout, ProtocolError, TrioproxyError
+
+logger = logging.getLogger("trioproxy.pool")
+
+#: Reset of a connection a client left inside a transaction must finish within this.
+RESET_TIMEOUT = 5.0
+#: SQLSTATE classes for which retrying the connection cannot help.
+_PERMANENT_ERROR_CLASSES = ("28", "3D", "42")
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    event: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.frozen(kw_only=True)
+class PoolLimits:
+    """How many server connections; ``max_connections == 0`` means derive from percent."""
+
+    max_connections: int
+    max_connections_percent: int
+    max_idle_connections_percent: int
+    server_lifetime: float
+    server_idle_timeout: float
+
+
+def derive_max_size(limits: PoolLimits, server_max: int) -> tuple[int, int]:
+    """(max_size, max_idle) from the server's usable connection count (RDS Proxy rule)."""
+    if limits.max_connections > 0:
+        base = limits.max_connections
+        size = base
+    else:
+        base = server_max
+        size = max(1, math.floor(server_max * limits.max_connections_percent / 100))
+    idle = math.floor(base * limits.max_idle_connections_percent / 100)
+    return size, min(idle, size)
+
+
+class BackendPool:
+    """Server connections for one (database, user) target."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        target: BackendTarget,
+        limits: PoolLimits,
+        init_query: str = "",
+        on_learn_server_max: Callable[[int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.limits = limits
+        self.init_query = init_query
+        self._on_learn_server_max = on_learn_server_max
+        # Percent-based sizing needs the server's max_connections: until the first
+        # connection tells us, only one slot, so only one probe connection is opened.
+        size = limits.max_connections if limits.max_connections > 0 else 1
+        self.core: PoolCore[ServerConnection, _Waiter] = PoolCore(
+            max_size=size,
+            max_idle=size,
+            server_lifetime=limits.server_lifetime,
+            server_idle_timeout=limits.server_idle_timeout,
+        )
+        self.sized = limits.max_connections > 0
+        #: ParameterStatus values of the first server connection (server_version, ...).
+        self.server_parameters: dict[str, str] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._wake_maintenance = trio.Event()
+        self.borrow_timeouts = 0
+        self.setup_failures = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the pool's background work until cancelled; then close every connection."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._maintain)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for conn in [*self.core.idle(), *self.core.borrowed()]:
+                conn.close()
+
+    def statistics(self) -> PoolStatistics:
+        return self.core.statistics()
+
+    # --- borrowing --------------------------------------------------------------------
+
+    async def borrow(self, timeout: float) -> ServerConnection:
+        """A clean server connection for the caller, or BorrowTimeout / BackendError."""
+        deadline = trio.current_time() + timeout
+        backoff = 0.05
+        last_error: BackendError | None = None
+        while True:
+            waiter = _Waiter()
+            try:
+                with trio.move_on_at(deadline):
+                    result: Grant[ServerConnection] | Open | Wait | None = self.core.request(waiter)
+                    while isinstance(result, Wait) or result is None:
+                        await waiter.event.wait()
+                        waiter.event = trio.Event()
+                        result = self.core.take(waiter)
+                    if isinstance(result, Grant):
+                        conn = result.conn
+                        if conn.alive:
+                            await trio.lowlevel.checkpoint()
+                            return conn
+                        self._apply(self.core.forget(conn))
+                        continue
+                    assert isinstance(result, Open)
+                    try:
+                        return await self._open()
+                    except BackendError as exc:
+                        last_error = exc
+                        self.setup_failures += 1
+                        if exc.sqlstate[:2] in _PERMANENT_ERROR_CLASSES:
+                            raise
+                        logger.warning("pool %s: server connection failed: %s", self.name, exc.message)
+                    # Back off before trying again, still within the deadline.
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+            finally:
+                self._apply(self.core.cancel(waiter))
+            # The deadline passed.
+            if last_error is not None:
+                raise last_error
+            self.borrow_timeouts += 1
+            raise BorrowTimeout("Timed-out waiting to acquire database connection.")
+
+    async def _open(self) -> ServerConnection:
+        """Fill the Open slot we hold: connect, or report the failure to the core."""
+        try:
+            conn = await connect_server(self.target, now=trio.current_time())
+            try:
+                if not self.sized:
+                    await self._learn_size(conn)
+                if self.init_query:
+                    await conn.run(self.init_query)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            self._apply(self.core.open_failed())
+            raise
+        self.core.opened(conn, trio.current_time())
+        if self.server_parameters is None:
+            self.server_parameters = dict(conn.parameters)
+        return conn
+
+    async def _learn_size(self, conn: ServerConnection) -> None:
+        values = await conn.run(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+        )
+        usable = int(values[0] or 1)
+        size, idle = derive_max_size(self.limits, max(1, usable))
+        self.sized = True
+        logger.info(
+            "pool %s: server allows %d connections; pool size %d, idle %d",
+            self.name, usable, size, idle,
+        )
+        if self._on_learn_server_max is not None:
+            self._on_learn_server_max(usable)
+        self._apply(self.core.resize(max_size=size, max_idle=idle))
+
+    # --- returning --------------------------------------------------------------------
+
+    def release(self, conn: ServerConnection, *, clean: bool, at_boundary: bool = True) -> None:
+        """Give a borrowed connection back. Sync: never blocks, never interrupted."""
+        conn.last_used = trio.current_time()
+        if clean and conn.alive and conn.tx_status is TxStatus.IDLE:
+            self._apply(self.core.checkin(conn, conn.last_used, reusable=True))
+            return
+        if conn.alive and at_boundary and self._nursery is not None:
+            # Inside a transaction but nothing owed: the pool rolls it back itself.
+            self._nursery.start_soon(self._reset, conn)
+            return
+        conn.close()
+        self._apply(self.core.checkin(conn, conn.last_used, reusable=False))
+
+    async def _reset(self, conn: ServerConnection) -> None:
+        reusable = False
+        with trio.move_on_after(RESET_TIMEOUT):
+            try:
+                await conn.run("ROLLBACK")
+                reusable = conn.tx_status is TxStatus.IDLE
+            except (TrioproxyError, TransportClosed, ProtocolError) as exc:
+                logger.info("pool %s: reset of server connection %d failed: %s", self.name, conn.id, exc)
+        if not reusable:
+            conn.close()
+        self._apply(self.core.checkin(conn, trio.current_time(), reusable=reusable))
+
+    # --- effects & maintenance --------------------------------------------------------
+
+    def _apply(self, effects: Effects[ServerConnection, _Waiter]) -> None:
+        for assignment in effects.assigned:
+            assignment.waiter.event.set()
+        for conn in effects.close:
+            if self._nursery is not None:
+                self._nursery.start_soon(conn.terminate)
+            else:
+                conn.close()
+        self._wake_maintenance.set()
+
+    async def _maintain(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._wake_maintenance.wait()
+            self._wake_maintenance = trio.Event()
+            self._apply(self.core.expire(trio.current_time()))
+            self._wake_maintenance = trio.Event()
+            await trio.sleep(0.05)  # batch wake-ups under load

@@ -1,0 +1,205 @@
+"""Server connections: open one (TCP, TLS, login), run the proxy's own statements on it.
+
+[shell] A ``ServerConnection`` is owned by exactly one party at a time: the pool while
+idle, one client session while borrowed. Only its owner reads or writes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import struct
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from trioproxy._auth.login import LoginResult, backend_login, error_from_server
+from trioproxy._protocol.codes import Backend, TxStatus
+from trioproxy._protocol.framing import MessageReader
+from trioproxy._protocol.messages import (
+    BackendKeyData,
+    ErrorResponse,
+    ParameterStatus,
+    Query,
+    ReadyForQuery,
+    SSLRequest,
+    Terminate,
+    decode_backend,
+)
+from trioproxy._server.transport import Transport, TransportClosed, open_tcp
+from trioproxy.errors import BackendError, ProtocolError
+
+logger = logging.getLogger("trioproxy.backend")
+
+_ids = itertools.count(1)
+
+
+@attrs.frozen(kw_only=True)
+class BackendTarget:
+    """Where and how to reach PostgreSQL for one pool."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None = attrs.field(repr=False)
+    tls_context: ssl.SSLContext | None = None
+    tls_required: bool = False
+    connect_timeout: float = 10.0
+    max_message_size: int = 256 * 1024 * 1024
+
+
+@attrs.define(eq=False)
+class ServerConnection:
+    transport: Transport
+    key: BackendKeyData | None
+    #: Current server-side values of the session parameters the proxy tracks.
+    parameters: dict[str, str]
+    created_at: float
+    last_used: float
+    id: int = attrs.field(factory=lambda: next(_ids))
+    tx_status: TxStatus = TxStatus.IDLE
+    #: Unreported parameters the proxy SET on this connection for its current client.
+    extra_parameters: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return not (self.transport.broken or self.transport.closed)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def terminate(self) -> None:
+        """Say goodbye politely (best effort), then close."""
+        if self.alive:
+            with trio.move_on_after(1):
+                try:
+                    await self.transport.send_all(Terminate().encode())
+                except TransportClosed:
+                    pass
+        self.close()
+
+    async def run(self, sql: str) -> list[str | None]:
+        """Run the proxy's own simple query; return the first column of each row.
+
+        ParameterStatus changes update ``parameters``. Raises BackendError with the
+        server's error. The connection is left at ReadyForQuery (its transaction status
+        in ``tx_status``).
+        """
+        await self.transport.send_all(Query(sql).encode())
+        reader = MessageReader()
+        values: list[str | None] = []
+        error: ErrorResponse | None = None
+        while True:
+            data = await self.transport.receive_some()
+            if not data:
+                self.transport.broken = True
+                raise BackendError("server closed the connection")
+            reader.feed(data)
+            for message in reader.messages():
+                if message.type == Backend.DATA_ROW:
+                    values.append(_first_column(message.body))
+                elif message.type == Backend.PARAMETER_STATUS:
+                    status = decode_backend(message)
+                    assert isinstance(status, ParameterStatus)
+                    self.parameters[status.name] = status.value
+                elif message.type == Backend.ERROR_RESPONSE:
+                    decoded = decode_backend(message)
+                    assert isinstance(decoded, ErrorResponse)
+                    error = decoded
+                elif message.type == Backend.READY_FOR_QUERY:
+                    ready = decode_backend(message)
+                    assert isinstance(ready, ReadyForQuery)
+                    self.tx_status = ready.status
+                    if reader.buffered:
+                        raise ProtocolError("server sent data after ReadyForQuery")
+                    if error is not None:
+                        raise error_from_server(error)
+                    return values
+
+
+def _first_column(body: bytes) -> str | None:
+    (count,) = struct.unpack_from("!h", body, 0)
+    if count < 1:
+        return None
+    (length,) = struct.unpack_from("!i", body, 2)
+    if length < 0:
+        return None
+    return body[6 : 6 + length].decode()
+
+
+async def _negotiate_tls(transport: Transport, target: BackendTarget) -> None:
+    assert target.tls_context is not None
+    await transport.send_all(SSLRequest().encode())
+    answer = await transport.receive_some(1)
+    if answer == b"S":
+        await transport.start_tls(
+            target.tls_context, server_side=False, server_hostname=target.host
+        )
+    elif answer == b"N":
+        if target.tls_required:
+            raise BackendError(f"server at {target.host}:{target.port} does not support TLS")
+    else:
+        raise BackendError(f"unexpected answer to SSLRequest from server: {answer!r}")
+
+
+async def _login(transport: Transport, target: BackendTarget, parameters: Mapping[str, str]) -> LoginResult:
+    procedure = backend_login(
+        user=target.user, database=target.database, password=target.password, parameters=parameters
+    )
+    reader = MessageReader(max_message_size=target.max_message_size)
+    reply = None
+    try:
+        while True:
+            wish = procedure.send(reply)
+            reply = None
+            if wish is not None:
+                await transport.send_all(wish)
+                continue
+            while (reply := reader.next_message()) is None:
+                data = await transport.receive_some()
+                if not data:
+                    break
+                reader.feed(data)
+    except StopIteration as done:
+        result: LoginResult = done.value
+        return result
+
+
+async def connect_server(
+    target: BackendTarget, *, now: float, parameters: Mapping[str, str] = {}  # noqa: B006
+) -> ServerConnection:
+    """Open and log in one server connection; BackendError (server's reason) on failure."""
+    transport: Transport | None = None
+    try:
+        with trio.fail_after(target.connect_timeout):
+            transport = await open_tcp(target.host, target.port)
+            if target.tls_context is not None:
+                await _negotiate_tls(transport, target)
+            result = await _login(transport, target, parameters)
+    except trio.TooSlowError:
+        if transport is not None:
+            transport.close()
+        raise BackendError(
+            f"timed out connecting to server at {target.host}:{target.port} "
+            f"after {target.connect_timeout:g}s"
+        ) from None
+    except TransportClosed as exc:
+        assert transport is not None
+        transport.close()
+        raise BackendError(f"connection to server lost during login: {exc}") from exc
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        raise
+    connection = ServerConnection(
+        transport=transport, key=result.key, parameters=dict(result.parameters),
+        created_at=now, last_used=now,
+    )
+    logger.info(
+        "server connection %d opened to %s:%d as %s/%s",
+        connection.id, target.host, target.port, target.user, target.database,
+    )
+    return connection

@@ -1,0 +1,223 @@
+"""The byte relay: moves bytes between a linked client and server connection.
+
+[shell] Kept a component of its own behind one call, ``Relay.run()``, so it can become a
+batched data plane (one task multiplexing every linked pair) without touching the
+client session, the pool or authentication.
+
+Theory of operation. While linked, two pumps run in a private nursery:
+
+* client -> server: read a chunk, let the scanner find the message boundaries, update the
+  tracker *before* sending (so a ReadyForQuery can never look final while a message is
+  on its way), then forward the chunk unchanged;
+* server -> client: read a chunk, update the tracker, forward it unchanged.
+
+After each send, the pump that sent checks whether the link may end (``_maybe_finish``):
+the server is releasable (``TransactionTracker.releasable``), the client is at a message
+boundary, neither pump is in the middle of a send, and the session is not pinned. Then it
+cancels the nursery. At that moment both pumps are parked in ``receive_some``, which is
+safe to cancel; a send is never cancelled by the relay itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from trioproxy._protocol.codes import Backend, Frontend
+from trioproxy._protocol.framing import Message, ScannedMessage, StreamScanner
+from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_backend
+from trioproxy._server.backend import ServerConnection
+from trioproxy._server.transport import Transport, TransportClosed
+from trioproxy._session.tracker import TransactionTracker
+from trioproxy.errors import ProtocolError, SQLState
+
+logger = logging.getLogger("trioproxy.relay")
+
+_TERMINATE = Terminate().encode()
+
+
+class Outcome(enum.Enum):
+    #: Transaction finished: the server connection is clean and may go back to the pool.
+    RELEASE = "release"
+    #: The client said Terminate or closed its socket.
+    CLIENT_GONE = "client gone"
+    #: The server connection failed or closed (the client was not told yet).
+    SERVER_FAILED = "server failed"
+    #: The client sent bytes that break the protocol (not forwarded).
+    CLIENT_PROTOCOL_ERROR = "client protocol error"
+    #: Idle in transaction for longer than allowed.
+    IDLE_IN_TRANSACTION = "idle in transaction timeout"
+
+
+class Relay:
+    """One linked period of a client and a server connection."""
+
+    def __init__(
+        self,
+        *,
+        client: Transport,
+        server: ServerConnection,
+        tracker: TransactionTracker,
+        client_scanner: StreamScanner,
+        server_scanner: StreamScanner,
+        keep_linked: Callable[[], bool],
+        on_client_message: Callable[[int, bytes | None], None],
+        on_parameter_status: Callable[[ParameterStatus], None],
+        idle_in_transaction_timeout: float,
+    ) -> None:
+        self.client = client
+        self.server = server
+        self.tracker = tracker
+        self.client_scanner = client_scanner
+        self.server_scanner = server_scanner
+        self._keep_linked = keep_linked
+        self._on_client_message = on_client_message
+        self._on_parameter_status = on_parameter_status
+        self._idle_in_tx = idle_in_transaction_timeout
+        self._to_server_busy = False
+        self._to_client_busy = False
+        self._outcome: Outcome | None = None
+        self.error: str | None = None
+        self._scope: trio.CancelScope | None = None
+        self.bytes_from_client = 0
+        self.bytes_from_server = 0
+
+    def _finish(self, outcome: Outcome, error: str | None = None) -> None:
+        if self._outcome is None:
+            self._outcome = outcome
+            self.error = error
+        assert self._scope is not None
+        self._scope.cancel()
+
+    def _maybe_finish(self) -> None:
+        if (
+            self.tracker.releasable
+            and self.client_scanner.at_boundary
+            and not self._to_server_busy
+            and not self._to_client_busy
+            and not self._keep_linked()
+        ):
+            self._finish(Outcome.RELEASE)
+
+    async def run(
+        self, initial: bytes = b"", initial_messages: Sequence[ScannedMessage] = ()
+    ) -> Outcome:
+        """Relay until the link may end; return why it ended.
+
+        ``initial`` holds client bytes read before the link existed, already scanned
+        (``initial_messages``): they go to the server first.
+        """
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._server_to_client)
+            if initial:
+                await self._forward_to_server(initial, initial_messages)
+            await self._client_to_server()
+        assert self._outcome is not None
+        return self._outcome
+
+    # --- client -> server -----------------------------------------------------------
+
+    async def _forward_to_server(self, chunk: bytes, messages: Sequence[ScannedMessage]) -> None:
+        terminate_end = -1
+        for type_, body, end in messages:
+            if type_ == Frontend.TERMINATE:
+                terminate_end = end
+                break
+            try:
+                self.tracker.client_message(type_)
+            except ProtocolError as exc:
+                self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
+                return
+            self._on_client_message(type_, body)
+        if terminate_end >= 0:
+            # Everything before Terminate still goes to the server; Terminate (the last
+            # message a client may send) does not: the pool keeps the connection.
+            chunk = chunk[: terminate_end - len(_TERMINATE)]
+        if chunk:
+            self._to_server_busy = True
+            try:
+                await self.server.transport.send_all(chunk)
+            except TransportClosed as exc:
+                self._finish(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+                return
+            finally:
+                self._to_server_busy = False
+            self.bytes_from_client += len(chunk)
+        if terminate_end >= 0:
+            self._finish(Outcome.CLIENT_GONE)
+            return
+        self._maybe_finish()
+
+    async def _client_to_server(self) -> None:
+        while True:
+            try:
+                if (
+                    self._idle_in_tx > 0
+                    and self.tracker.in_transaction
+                    and not self.tracker.waiting_for_server
+                ):
+                    with trio.move_on_after(self._idle_in_tx) as timeout:
+                        chunk = await self.client.receive_some()
+                    if timeout.cancelled_caught:
+                        self._finish(Outcome.IDLE_IN_TRANSACTION)
+                        return
+                else:
+                    chunk = await self.client.receive_some()
+            except TransportClosed:
+                chunk = b""
+            if not chunk:
+                self._finish(Outcome.CLIENT_GONE)
+                return
+            try:
+                messages = self.client_scanner.feed(chunk)
+            except ProtocolError as exc:
+                self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
+                return
+            await self._forward_to_server(chunk, messages)
+
+    # --- server -> client -----------------------------------------------------------
+
+    async def _server_to_client(self) -> None:
+        transport = self.server.transport
+        while True:
+            try:
+                chunk = await transport.receive_some()
+            except TransportClosed as exc:
+                self._finish(Outcome.SERVER_FAILED, str(exc))
+                return
+            if not chunk:
+                transport.broken = True
+                self._finish(Outcome.SERVER_FAILED, "server closed the connection unexpectedly")
+                return
+            try:
+                for type_, body, _end in self.server_scanner.feed(chunk):
+                    self.tracker.server_message(type_, body)
+                    if type_ == Backend.PARAMETER_STATUS and body is not None:
+                        status = decode_backend(Message(type_, body))
+                        assert isinstance(status, ParameterStatus)
+                        self.server.parameters[status.name] = status.value
+                        self._on_parameter_status(status)
+            except ProtocolError as exc:
+                transport.broken = True
+                self._finish(Outcome.SERVER_FAILED, f"protocol error from server: {exc.message}")
+                return
+            self._to_client_busy = True
+            try:
+                await self.client.send_all(chunk)
+            except TransportClosed:
+                self._finish(Outcome.CLIENT_GONE)
+                return
+            finally:
+                self._to_client_busy = False
+            self.bytes_from_server += len(chunk)
+            self.server.tx_status = self.tracker.tx_status
+            self._maybe_finish()
+
+
+SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})
+CLIENT_INSPECT = frozenset({Frontend.QUERY, Frontend.PARSE})
+CONNECTION_FAILURE = SQLState.CONNECTION_FAILURE

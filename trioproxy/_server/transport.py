@@ -1,0 +1,277 @@
+"""A byte transport over a raw non-blocking socket, with optional TLS on memory BIOs.
+
+[shell] Why not ``trio.SocketStream`` / ``trio.SSLStream``: measured on this project's
+machines (docs/architecture.md, "hot path"), trio's per-operation stream wrapper costs
+about 2x the CPU of this one, and its conflict detector is held across the trailing
+yield of ``send_all``, so a pooled server connection handed to the next client at
+ReadyForQuery can raise ``BusyResourceError``. Here the socket is owned directly:
+
+* ``receive_some`` waits for readability *first*, then reads (no failed ``recv``);
+  cancelling it is always safe: nothing has been consumed.
+* ``send_all`` writes at once and waits only when the kernel buffer is full. A
+  ``send_all`` interrupted after a partial write marks the transport ``broken``; the owner
+  must then discard it (never reuse a server connection with half a message on it).
+* TLS uses ``ssl.SSLObject`` over ``MemoryBIO`` pairs, the same design as trio's own
+  SSLStream, so a future batched data plane can drive the very same objects.
+
+Exactly one task may send at a time and one may receive at a time; ciphertext that a
+*receive* produces (TLS 1.3 tickets, key updates) is flushed by whoever writes next, or
+by the receiver itself when no send is in progress.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+
+import trio
+
+from trioproxy.errors import BackendError
+
+RECEIVE_SIZE = 65536
+
+
+class TransportClosed(Exception):
+    """The peer closed the connection or the transport is broken."""
+
+
+class Transport:
+    __slots__ = (
+        "_incoming",
+        "_outgoing",
+        "_pending_out",
+        "_sending",
+        "_ssl",
+        "broken",
+        "closed",
+        "peer",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, *, peer: str = "") -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+        self._ssl: ssl.SSLObject | None = None
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        self._pending_out = bytearray()  # ciphertext taken from the BIO, not yet sent
+        self._sending = False
+        self.broken = False
+        self.closed = False
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    @property
+    def is_tls(self) -> bool:
+        return self._ssl is not None
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self._ssl
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def _recv_raw(self, max_bytes: int) -> bytes:
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                return self.sock.recv(max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self.broken = True
+                raise TransportClosed(str(exc)) from exc
+
+    async def _send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        sent_any = False
+        try:
+            while view:
+                try:
+                    n = self.sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as exc:
+                    self.broken = True
+                    raise TransportClosed(str(exc)) from exc
+                sent_any = True
+                view = view[n:]
+        except BaseException:
+            if sent_any and view:
+                self.broken = True  # half a message went out: never reuse
+            raise
+
+    async def _flush_tls(self) -> None:
+        outgoing = self._outgoing
+        assert outgoing is not None
+        try:
+            while True:
+                if outgoing.pending:
+                    self._pending_out += outgoing.read()
+                if not self._pending_out:
+                    return
+                try:
+                    sent = self.sock.send(self._pending_out)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as exc:
+                    self.broken = True
+                    raise TransportClosed(str(exc)) from exc
+                del self._pending_out[:sent]
+        except BaseException:
+            if self._pending_out:
+                self.broken = True  # a record is half on the wire: never reuse
+            raise
+
+    # --- public I/O -------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
+        """Return the next bytes from the peer; ``b""`` means the peer closed."""
+        if self.broken or self.closed:
+            raise TransportClosed("transport is closed")
+        tls = self._ssl
+        if tls is None:
+            return await self._recv_raw(max_bytes)
+        incoming = self._incoming
+        assert incoming is not None
+        while True:
+            try:
+                data = tls.read(max_bytes)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError as exc:
+                self.broken = True
+                raise TransportClosed(f"TLS error: {exc}") from exc
+            else:
+                self._flush_if_idle()
+                return data
+            raw = await self._recv_raw(RECEIVE_SIZE)
+            if not raw:
+                incoming.write_eof()
+            else:
+                incoming.write(raw)
+
+    def _flush_if_idle(self) -> None:
+        """Send ciphertext a read produced, without blocking and without racing a writer.
+
+        What the kernel does not take now stays queued for the next ``send_all``.
+        """
+        outgoing = self._outgoing
+        if outgoing is None or self._sending or not (outgoing.pending or self._pending_out):
+            return
+        self._pending_out += outgoing.read()
+        try:
+            sent = self.sock.send(self._pending_out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.broken = True
+            return
+        del self._pending_out[:sent]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken or self.closed:
+            raise TransportClosed("transport is closed")
+        tls = self._ssl
+        self._sending = True
+        try:
+            if tls is None:
+                await self._send_raw(data)
+            else:
+                try:
+                    tls.write(data)
+                except ssl.SSLError as exc:
+                    self.broken = True
+                    raise TransportClosed(f"TLS error: {exc}") from exc
+                await self._flush_tls()
+        finally:
+            self._sending = False
+
+    # --- TLS --------------------------------------------------------------------------
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """Run the TLS handshake; afterwards every byte is encrypted."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._ssl, self._incoming, self._outgoing = tls, incoming, outgoing
+        while True:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush_tls()
+                raw = await self._recv_raw(RECEIVE_SIZE)
+                if not raw:
+                    self.broken = True
+                    raise TransportClosed("peer closed the connection during the TLS handshake")
+                incoming.write(raw)
+                continue
+            except ssl.SSLError as exc:
+                self.broken = True
+                raise TransportClosed(f"TLS handshake failed: {exc.reason or exc}") from exc
+            break
+        await self._flush_tls()
+
+    # --- closing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close at once (never blocks, never raises)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+async def open_tcp(host: str, port: int) -> Transport:
+    """Connect to host:port; raise BackendError with the OS's reason on failure."""
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BackendError(f"could not resolve host {host!r}: {exc}") from exc
+    last: OSError | None = None
+    for family, type_, proto, _canon, address in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(address)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, errno.errorcode.get(err, str(err)))
+            if err:
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, _strerror(err))
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return Transport(sock, peer=f"{host}:{port}")
+    raise BackendError(f"could not connect to server at {host}:{port}: {_reason(last)}")
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err)
+
+
+def _reason(exc: OSError | None) -> str:
+    if exc is None:
+        return "no address"
+    return exc.strerror or str(exc)

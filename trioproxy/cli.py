@@ -1,0 +1,132 @@
+"""Command line: ``trioproxy --config proxy.toml`` / ``--check-config`` / ``--version``.
+
+Exit status: 0 on a clean shutdown (SIGINT/SIGTERM) or a valid ``--check-config``; 1 if the
+proxy stopped on an error; 2 for an invalid configuration or bad usage; 130 if interrupted
+by a second Ctrl-C during shutdown. Never prints a traceback for those expected cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import trio
+
+from trioproxy.config import Config, LogFormat, load_config
+from trioproxy.errors import ConfigError, TrioproxyError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+logger = logging.getLogger("trioproxy")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trioproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioproxy", description="PostgreSQL connection proxy and pooler on trio."
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--config", metavar="FILE", help="run the proxy with this TOML file")
+    action.add_argument("--check-config", metavar="FILE", help="validate this TOML file and exit")
+    parser.add_argument("--version", action="version", version=f"trioproxy {_version()}")
+    return parser
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.proxy.log_format is LogFormat.JSON:
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.DEBUG if config.proxy.debug_logging else logging.INFO
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+async def _watch_signals(
+    cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            logger.info("received %s, shutting down", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def _run(config: Config) -> None:
+    from trioproxy._server.proxy import serve  # lazy: --check-config needs no server code
+
+    configure_logging(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, nursery.cancel_scope)
+        await nursery.start(serve, config)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _serve(config: Config) -> int:
+    try:
+        trio.run(_run, config)
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        if not all(isinstance(leaf, (OSError, TrioproxyError)) for leaf in leaves):
+            raise  # a bug: keep the traceback
+        for leaf in leaves:
+            logger.critical("trioproxy stopped: %s", leaf)
+        return 1
+    return 0
+
+
+def _summary(config: Config) -> str:
+    n = len(config.users)
+    listen = ", ".join(str(address) for address in config.proxy.listen)
+    return f"configuration OK: {n} user{'' if n == 1 else 's'}, listen {listen}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        config = load_config(args.config or args.check_config)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    except ConfigError as exc:
+        print(f"trioproxy: {exc.message}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(_summary(config))
+        return 0
+    return _serve(config)

@@ -1,0 +1,629 @@
+"""Configuration: a TOML file parsed into frozen attrs classes.
+
+Pure code (no trio). Every setting is described once, in a small table of *checks* per TOML
+table (``_PROXY_KEYS`` and friends); a check turns a raw TOML value into the typed value or
+raises :class:`_Invalid`, which :func:`parse_config` turns into a :class:`ConfigError` naming
+the file, the table and the key::
+
+    proxy.toml: [pool] connection_borrow_timeout: must be a number > 0 and <= 3600, got "abc"
+
+Setting names follow AWS RDS Proxy where it has an equivalent (``connection_borrow_timeout``,
+``max_connections_percent``, ``idle_client_timeout``, ``session_pinning_filters``, ...).
+Every class has defaults matching ``docs/configuration.md`` so ``Config()`` works when
+trioproxy is embedded. Secrets (passwords, SCRAM verifiers) never appear in ``repr()`` or in
+error messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import difflib
+import enum
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+
+from trioproxy.errors import ConfigError
+
+__all__ = [
+    "BackendConfig",
+    "BackendTLS",
+    "Config",
+    "ListenAddress",
+    "LogFormat",
+    "PoolConfig",
+    "PoolMode",
+    "ProxyConfig",
+    "UserConfig",
+    "load_config",
+    "parse_config",
+]
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class BackendTLS(enum.Enum):
+    """TLS towards PostgreSQL, with libpq ``sslmode`` semantics."""
+
+    DISABLE = "disable"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_FULL = "verify-full"
+
+
+class PoolMode(enum.Enum):
+    """When a server connection goes back to the pool."""
+
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+
+SESSION_PINNING_FILTERS: Final = frozenset({"EXCLUDE_VARIABLE_SETS"})
+
+
+@attrs.frozen(kw_only=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        """Parse ``"host:port"`` / ``"[v6addr]:port"``; raise ValueError with a short reason."""
+        match = re.fullmatch(r"\[([^\[\]]+)\]:([0-9]{1,5})|([A-Za-z0-9_.-]+):([0-9]{1,5})", text)
+        if match is None:
+            if text.count(":") > 1 and not text.startswith("["):
+                raise ValueError('must be "host:port"; write IPv6 addresses as "[::1]:6432"')
+            raise ValueError('must be "host:port" (IPv6 as "[::1]:6432")')
+        v6host, v6port, host, port = match.groups()
+        if v6host is not None:
+            try:
+                ipaddress.IPv6Address(v6host)
+            except ValueError:
+                raise ValueError(f"{v6host!r} is not an IPv6 address") from None
+            host, port = v6host, v6port
+        if int(port) > 65535:
+            raise ValueError("port must be between 0 and 65535")
+        return cls(host=host, port=int(port))
+
+
+@attrs.frozen(kw_only=True)
+class ProxyConfig:
+    """``[proxy]``: the client-facing side."""
+
+    listen: tuple[ListenAddress, ...] = (ListenAddress(host="127.0.0.1", port=6432),)
+    require_tls: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    client_login_timeout: float = 60.0
+    idle_client_timeout: float = 1800.0
+    idle_in_transaction_timeout: float = 0.0
+    max_client_connections: int = 10000
+    max_message_size: int = 256 * 1024 * 1024
+    debug_logging: bool = False
+    log_format: LogFormat = LogFormat.TEXT
+    shutdown_timeout: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class BackendConfig:
+    """``[backend]``: the PostgreSQL server behind the proxy."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    backend_tls: BackendTLS = BackendTLS.DISABLE
+    backend_tls_ca_file: Path | None = None
+    connect_timeout: float = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class PoolConfig:
+    """``[pool]``: RDS Proxy's ``connection_pool_config``."""
+
+    pool_mode: PoolMode = PoolMode.TRANSACTION
+    connection_borrow_timeout: float = 120.0
+    max_connections: int = 0
+    max_connections_percent: int = 100
+    max_idle_connections_percent: int = 50  # resolved: never -1
+    server_lifetime: float = 3600.0
+    server_idle_timeout: float = 600.0
+    init_query: str = ""
+    session_pinning_filters: frozenset[str] = frozenset()
+
+
+def _default_backend_password(self: UserConfig) -> str | None:
+    return self.password
+
+
+@attrs.frozen(kw_only=True)
+class UserConfig:
+    """``[users.<name>]``. ``backend_password`` defaults to ``password``."""
+
+    name: str
+    password: str | None = attrs.field(default=None, repr=False)
+    scram_verifier: str | None = attrs.field(default=None, repr=False)
+    backend_user: str = attrs.field(default=attrs.Factory(lambda self: self.name, takes_self=True))
+    backend_password: str | None = attrs.field(
+        default=attrs.Factory(_default_backend_password, takes_self=True), repr=False
+    )
+
+
+class _FrozenMap(Mapping[_K, _V]):
+    """An immutable, hashable mapping (``MappingProxyType`` is not hashable)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[_K, _V] | None = None) -> None:
+        self._data: dict[_K, _V] = dict(data or {})
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {v!r}' for k, v in self._data.items())}}}"
+
+
+def _freeze_users(users: Mapping[str, UserConfig]) -> Mapping[str, UserConfig]:
+    return users if isinstance(users, _FrozenMap) else _FrozenMap(users)
+
+
+def _check_user_names(
+    _instance: object, _attribute: object, users: Mapping[str, UserConfig]
+) -> None:
+    for name, user in users.items():
+        if name != user.name:
+            raise ValueError(f"users[{name!r}] holds the UserConfig of {user.name!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    proxy: ProxyConfig = attrs.field(factory=ProxyConfig)
+    backend: BackendConfig = attrs.field(factory=BackendConfig)
+    pool: PoolConfig = attrs.field(factory=PoolConfig)
+    users: Mapping[str, UserConfig] = attrs.field(
+        factory=_FrozenMap, converter=_freeze_users, validator=_check_user_names
+    )
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: raw TOML value -> typed value, or _Invalid("must be ...").
+
+
+class _Invalid(Exception):
+    """A check rejected a value; :class:`_Context` adds the file, table and key."""
+
+
+_Check = Callable[[object], object]
+
+
+def _show(value: object) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    for cls, name in names.items():
+        if type(value) is cls:
+            return name
+    if isinstance(value, Mapping):
+        return "a table"
+    return "an array" if isinstance(value, list) else type(value).__name__
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _number(low: float, high: float = math.inf, *, above: bool = False) -> _Check:
+    """A finite int or float with ``low <= x`` (``low < x`` if *above*) and ``x <= high``."""
+    want = f"a number {'>' if above else '>='} {_fmt(low)}"
+    if high != math.inf:
+        want += f" and <= {_fmt(high)}"
+
+    def check(value: object) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            in_range = (low < value if above else low <= value) and value <= high
+            if in_range and value < math.inf:  # NaN fails every comparison
+                with contextlib.suppress(OverflowError):  # huge ints
+                    return float(value)
+        raise _Invalid(f"must be {want}, got {_show(value)}")
+
+    return check
+
+
+def _integer(low: int, high: int | None = None) -> _Check:
+    want = f"an integer >= {low}" if high is None else f"an integer between {low} and {high}"
+
+    def check(value: object) -> int:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise _Invalid(f"must be {want}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _string(*, empty_ok: bool = True, secret: bool = False) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if not isinstance(value, str):
+            got = _type_name(value) if secret else _show(value)
+            raise _Invalid(f"must be a string, got {got}")
+        if "\0" in value:
+            raise _Invalid("must not contain NUL characters")
+        if not value and not empty_ok:
+            raise _Invalid("must not be empty")
+        return value
+
+    return check
+
+
+def _optional_string(value: object) -> str | None:
+    """A string where ``""`` means unset."""
+    return _string()(value) or None
+
+
+def _enum(cls: type[_E]) -> Callable[[object], _E]:
+    choices = ", ".join(json.dumps(member.value) for member in cls)
+
+    def check(value: object) -> _E:
+        for member in cls:
+            if member.value == value and isinstance(value, str):
+                return member
+        raise _Invalid(f"must be one of {choices}, got {_show(value)}")
+
+    return check
+
+
+def _path(value: object) -> Path | None:
+    """A file name; ``""`` means unset. Relative names are resolved later, in ``_Context``."""
+    text = _string()(value)
+    return Path(text).expanduser() if text else None
+
+
+def _env_name(value: object) -> str:
+    text = _string()(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise _Invalid(f"must be an environment variable name, got {_show(value)}")
+    return text
+
+
+def _listen(value: object) -> tuple[ListenAddress, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise _Invalid(f'must be "host:port" or a non-empty array of them, got {_show(value)}')
+    addresses: list[ListenAddress] = []
+    for item in items:
+        try:
+            address = ListenAddress.parse(item)
+        except ValueError as exc:
+            raise _Invalid(f"{exc}, got {_show(item)}") from None
+        if address in addresses:
+            raise _Invalid(f"{_show(item)} is listed twice")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _pinning_filters(value: object) -> frozenset[str]:
+    allowed = ", ".join(json.dumps(f) for f in sorted(SESSION_PINNING_FILTERS))
+    if not isinstance(value, list) or not all(
+        isinstance(f, str) and f in SESSION_PINNING_FILTERS for f in value
+    ):
+        raise _Invalid(f"must be an array of {allowed}, got {_show(value)}")
+    return frozenset(value)
+
+
+_SCRAM_RE: Final = re.compile(
+    r"SCRAM-SHA-256\$([0-9]{1,9}):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)"
+)
+
+
+def _scram_verifier(value: object) -> str | None:
+    text = _string(secret=True)(value)
+    if not text:
+        return None
+    match = _SCRAM_RE.fullmatch(text)
+    try:
+        iterations, *keys = match.groups() if match else ("0", "", "", "")
+        salt, stored, server = (base64.b64decode(key, validate=True) for key in keys)
+        ok = int(iterations) > 0 and bool(salt) and len(stored) == len(server) == 32
+    except binascii.Error:
+        ok = False
+    if not ok:
+        raise _Invalid(
+            "must be a PostgreSQL SCRAM-SHA-256 verifier "
+            '"SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>"'
+        )
+    return text
+
+
+_SECRET_KEYS: Final[Mapping[str, _Check]] = {
+    "": _string(empty_ok=False, secret=True),
+    "_env": _env_name,
+    "_file": _path,
+}
+
+_PROXY_KEYS: Final[Mapping[str, _Check]] = {
+    "listen": _listen,
+    "require_tls": _boolean,
+    "tls_cert_file": _path,
+    "tls_key_file": _path,
+    "client_login_timeout": _number(0, above=True),
+    "idle_client_timeout": _number(0),
+    "idle_in_transaction_timeout": _number(0),
+    "max_client_connections": _integer(1),
+    "max_message_size": _integer(1024, 1024 * 1024 * 1024),
+    "debug_logging": _boolean,
+    "log_format": _enum(LogFormat),
+    "shutdown_timeout": _number(0),
+}
+_BACKEND_KEYS: Final[Mapping[str, _Check]] = {
+    "host": _string(empty_ok=False),
+    "port": _integer(1, 65535),
+    "backend_tls": _enum(BackendTLS),
+    "backend_tls_ca_file": _path,
+    "connect_timeout": _number(0, above=True),
+}
+_POOL_KEYS: Final[Mapping[str, _Check]] = {
+    "pool_mode": _enum(PoolMode),
+    "connection_borrow_timeout": _number(0, 3600, above=True),
+    "max_connections": _integer(0),
+    "max_connections_percent": _integer(1, 100),
+    "max_idle_connections_percent": _integer(-1, 100),
+    "server_lifetime": _number(0),
+    "server_idle_timeout": _number(0),
+    "init_query": _string(),
+    "session_pinning_filters": _pinning_filters,
+}
+_USER_KEYS: Final[Mapping[str, _Check]] = {
+    **{f"password{suffix}": check for suffix, check in _SECRET_KEYS.items()},
+    **{f"backend_password{suffix}": check for suffix, check in _SECRET_KEYS.items()},
+    "scram_verifier": _scram_verifier,
+    "backend_user": _optional_string,
+}
+_TABLES: Final = ("proxy", "backend", "pool", "users")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+@attrs.frozen
+class _Context:
+    source: str
+    base_dir: Path | None
+    environ: Mapping[str, str]
+
+    def error(self, table: str | None, key: str, message: str) -> ConfigError:
+        where = f"[{table}] {key}" if table is not None else key
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    def resolve(self, path: Path | None) -> Path | None:
+        if path is None or self.base_dir is None:
+            return path
+        return self.base_dir / path
+
+    def table(
+        self, parent: Mapping[str, object], key: str, table: str | None
+    ) -> Mapping[str, object]:
+        raw = parent.get(key, {})
+        if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+            raise self.error(table, key, f"must be a table, got {_type_name(raw)}")
+        return raw
+
+    def check(
+        self, raw: Mapping[str, object], table: str, checks: Mapping[str, _Check]
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            check = checks.get(key)
+            if check is None:
+                raise self.error(table, _toml_key(key), "unknown key" + _suggest(key, checks))
+            try:
+                values[key] = check(value)
+            except _Invalid as exc:
+                raise self.error(table, key, str(exc)) from None
+        return values
+
+    def existing_file(self, values: dict[str, Any], table: str, key: str) -> Path | None:
+        path = self.resolve(values.get(key))
+        if path is not None and not path.is_file():
+            raise self.error(table, key, f"file {_show(str(path))} does not exist")
+        return path
+
+    def secret(self, values: Mapping[str, Any], table: str, key: str) -> str | None:
+        """The one of ``key``, ``key_env``, ``key_file`` given in *values*, read; or None."""
+        given = [key + suffix for suffix in _SECRET_KEYS if key + suffix in values]
+        if len(given) > 1:
+            raise self.error(
+                table, given[1], f"conflicts with {given[0]}; give only one of {', '.join(given)}"
+            )
+        if not given:
+            return None
+        if given[0] == key:
+            return str(values[key])
+        if given[0] == key + "_env":
+            text = self.environ.get(str(values[given[0]]))
+            what = f"environment variable {values[given[0]]}"
+            if text is None:
+                raise self.error(table, given[0], f"{what} is not set")
+        else:
+            path = self.base_dir / values[given[0]] if self.base_dir else values[given[0]]
+            what = f"file {_show(str(path))}"
+            try:
+                text = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, ValueError) as exc:
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+                raise self.error(table, given[0], f"cannot read {what}: {reason}") from None
+        if not text or "\0" in text:
+            raise self.error(table, given[0], f"{what} is empty or contains NUL characters")
+        return text
+
+
+def _parse_proxy(ctx: _Context, raw: Mapping[str, object]) -> ProxyConfig:
+    values = ctx.check(raw, "proxy", _PROXY_KEYS)
+    for key in ("tls_cert_file", "tls_key_file"):
+        values[key] = ctx.existing_file(values, "proxy", key)
+        if values.get("require_tls") and values[key] is None:
+            raise ctx.error("proxy", key, "required when require_tls = true")
+    if (values["tls_cert_file"] is None) != (values["tls_key_file"] is None):
+        missing = "tls_key_file" if values["tls_key_file"] is None else "tls_cert_file"
+        raise ctx.error("proxy", missing, "tls_cert_file and tls_key_file must be given together")
+    return ProxyConfig(**values)
+
+
+def _parse_backend(ctx: _Context, raw: Mapping[str, object]) -> BackendConfig:
+    values = ctx.check(raw, "backend", _BACKEND_KEYS)
+    values["backend_tls_ca_file"] = ctx.existing_file(values, "backend", "backend_tls_ca_file")
+    if values.get("backend_tls") is BackendTLS.VERIFY_FULL and not values["backend_tls_ca_file"]:
+        raise ctx.error(
+            "backend", "backend_tls_ca_file", 'required when backend_tls = "verify-full"'
+        )
+    return BackendConfig(**values)
+
+
+def _parse_pool(ctx: _Context, raw: Mapping[str, object]) -> PoolConfig:
+    values = ctx.check(raw, "pool", _POOL_KEYS)
+    percent: int = values.get("max_connections_percent", PoolConfig().max_connections_percent)
+    idle: int = values.get("max_idle_connections_percent", -1)
+    if idle > percent:
+        raise ctx.error(
+            "pool",
+            "max_idle_connections_percent",
+            f"must be <= max_connections_percent ({percent}), got {idle}",
+        )
+    values["max_idle_connections_percent"] = percent // 2 if idle == -1 else idle
+    return PoolConfig(**values)
+
+
+def _parse_user(ctx: _Context, name: str, raw: Mapping[str, object]) -> UserConfig:
+    table = f"users.{_toml_key(name)}"
+    values = ctx.check(raw, table, _USER_KEYS)
+    password = ctx.secret(values, table, "password")
+    verifier = values.get("scram_verifier")
+    if password is None and verifier is None:
+        raise ctx.error(
+            table,
+            "password",
+            "no client credential: set one of password, password_env, password_file "
+            "or scram_verifier",
+        )
+    backend_password = ctx.secret(values, table, "backend_password")
+    return UserConfig(
+        name=name,
+        password=password,
+        scram_verifier=verifier,
+        backend_user=values.get("backend_user") or name,
+        backend_password=password if backend_password is None else backend_password,
+    )
+
+
+def _parse_users(ctx: _Context, raw: Mapping[str, object]) -> dict[str, UserConfig]:
+    users: dict[str, UserConfig] = {}
+    for name in raw:
+        if not name or "\0" in name:
+            raise ctx.error(
+                None, f"users.{_toml_key(name)}", "must be a non-empty name without NUL characters"
+            )
+        users[name] = _parse_user(ctx, name, ctx.table(raw, name, "users"))
+    return users
+
+
+def parse_config(
+    data: Mapping[str, object],
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate an already-decoded TOML document.
+
+    *source* names the file in error messages; relative file names are resolved against
+    *base_dir* (left as they are if None); ``*_env`` keys are looked up in *environ*
+    (default ``os.environ``). Raises :class:`ConfigError`.
+    """
+    ctx = _Context(source, base_dir, os.environ if environ is None else environ)
+    for key in data:
+        if key not in _TABLES:
+            raise ctx.error(
+                None, _toml_key(str(key)), "unknown table" + _suggest(str(key), _TABLES)
+            )
+    return Config(
+        proxy=_parse_proxy(ctx, ctx.table(data, "proxy", None)),
+        backend=_parse_backend(ctx, ctx.table(data, "backend", None)),
+        pool=_parse_pool(ctx, ctx.table(data, "pool", None)),
+        users=_parse_users(ctx, ctx.table(data, "users", None)),
+    )
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read and validate a TOML configuration file. Raises :class:`ConfigError`.
+
+    Relative file names in it are resolved against the file's directory; ``*_env`` keys are
+    looked up in *environ* (default ``os.environ``).
+    """
+    source = os.fspath(path)
+    file = Path(path).absolute()
+    try:
+        with file.open("rb") as fp:
+            data = tomllib.load(fp)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    config = parse_config(data, source=source, base_dir=file.parent, environ=environ)
+    return attrs.evolve(config, source=file)
