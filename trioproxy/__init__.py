@@ -1,5 +1,44 @@
-"""trioproxy: a PostgreSQL connection proxy on trio (public API re-exports only)."""
+"""trioproxy: a PostgreSQL connection proxy and pooler on trio.
+
+Public API (everything else is private and may change)::
+
+    config = trioproxy.Config(...)            # or trioproxy.load_config("proxy.toml")
+    addresses = await nursery.start(trioproxy.serve, config)
+"""
 
 from __future__ import annotations
 
+from trioproxy._server.proxy import ProxyAddress, serve
+from trioproxy.config import (
+    BackendConfig,
+    BackendTLS,
+    Config,
+    ListenAddress,
+    PoolConfig,
+    PoolMode,
+    ProxyConfig,
+    UserConfig,
+    load_config,
+    parse_config,
+)
+from trioproxy.errors import ConfigError, TrioproxyError
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BackendConfig",
+    "BackendTLS",
+    "Config",
+    "ConfigError",
+    "ListenAddress",
+    "PoolConfig",
+    "PoolMode",
+    "ProxyAddress",
+    "ProxyConfig",
+    "TrioproxyError",
+    "UserConfig",
+    "__version__",
+    "load_config",
+    "parse_config",
+    "serve",
+]
