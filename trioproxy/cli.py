@@ -30,8 +30,10 @@ logger = logging.getLogger("trioproxy")
 def _version() -> str:
     try:
         return importlib.metadata.version("trioproxy")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        import trioproxy
+
+        return str(getattr(trioproxy, "__version__", "unknown"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -324,6 +324,13 @@ def _path(value: object) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
+def _file_name(value: object) -> Path:
+    path = _path(value)
+    if path is None:
+        raise _Invalid('must be a file name, got ""')
+    return path
+
+
 def _env_name(value: object) -> str:
     text = _string()(value)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
@@ -383,7 +390,7 @@ def _scram_verifier(value: object) -> str | None:
 _SECRET_KEYS: Final[Mapping[str, _Check]] = {
     "": _string(empty_ok=False, secret=True),
     "_env": _env_name,
-    "_file": _path,
+    "_file": _file_name,
 }
 
 _PROXY_KEYS: Final[Mapping[str, _Check]] = {
@@ -500,7 +507,7 @@ class _Context:
             if text is None:
                 raise self.error(table, given[0], f"{what} is not set")
         else:
-            path = self.base_dir / values[given[0]] if self.base_dir else values[given[0]]
+            path = self.resolve(values[given[0]]) or Path()
             what = f"file {_show(str(path))}"
             try:
                 text = path.read_text(encoding="utf-8").rstrip("\r\n")

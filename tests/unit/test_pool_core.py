@@ -448,7 +448,6 @@ class PoolMachine(RuleBasedStateMachine):
         self.pending: dict[Waiter, Grant[Conn] | Open] = {}
         self.holding: dict[Waiter, Conn] = {}
         self.opening: set[Waiter] = set()
-        self.finished: list[Waiter] = []  # cancelled or gave up; cancel() must be a no-op
         self.created: set[Conn] = set()
         self.gone: set[Conn] = set()
         self.limit = 0
@@ -544,7 +543,6 @@ class PoolMachine(RuleBasedStateMachine):
     def open_failed(self, data: st.DataObject) -> None:
         w = self.pick(data, sorted(self.opening, key=self.seq.__getitem__))
         self.opening.remove(w)
-        self.finished.append(w)
         self.apply(self.core.open_failed())
 
     @precondition(lambda self: self.holding)
@@ -552,16 +550,15 @@ class PoolMachine(RuleBasedStateMachine):
     def checkin(self, data: st.DataObject, reusable: bool) -> None:
         w = self.pick(data, list(self.holding))
         conn = self.holding.pop(w)
-        self.finished.append(w)
         had_waiters = bool(self.queue)
         fx = self.core.checkin(conn, self.now, reusable=reusable)
         self.apply(fx)
         if not reusable:
             assert conn in fx.close
         if conn not in fx.close:
-            if had_waiters:
-                assert fx.assigned[0] == Assignment(w_head := fx.assigned[0].waiter, Grant(conn))
-                assert self.pending[w_head] == Grant(conn)
+            if had_waiters:  # straight to the head waiter, never idle
+                assert fx.assigned
+                assert fx.assigned[0].result == Grant(conn)
             else:
                 assert next(self.core.idle()) is conn
 
@@ -571,11 +568,9 @@ class PoolMachine(RuleBasedStateMachine):
         w = self.pick(data, list(self.seq))
         if w in self.queue:
             self.queue.remove(w)
-            self.finished.append(w)
             assert self.core.cancel(w) == NOTHING
         elif w in self.pending:
             r = self.pending.pop(w)
-            self.finished.append(w)
             fx = self.core.cancel(w)
             self.apply(fx)
             if isinstance(r, Grant):
@@ -588,7 +583,7 @@ class PoolMachine(RuleBasedStateMachine):
         else:  # holding, opening, or finished: no-op
             assert self.core.cancel(w) == NOTHING
         assert self.core.cancel(w) == NOTHING  # idempotent
-        assert self.core.take(w) is None or w in self.holding or w in self.opening
+        assert self.core.take(w) is None
 
     @precondition(lambda self: self.created - self.gone)
     @rule(data=st.data())
@@ -597,7 +592,6 @@ class PoolMachine(RuleBasedStateMachine):
         for w, c in list(self.holding.items()):
             if c is conn:
                 del self.holding[w]
-                self.finished.append(w)
         for w, r in list(self.pending.items()):
             if r == Grant(conn):
                 del self.pending[w]

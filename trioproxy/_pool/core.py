@@ -373,7 +373,7 @@ class PoolCore(Generic[C, W]):
 
     def _put_back(self, conn: C, rec: _Conn, fx: _Builder[C, W]) -> None:
         """A usable connection, already removed from ``_out``, becomes free."""
-        if self._slots() > self._max_size:  # without conn: it was over the limit
+        if self._slots() >= self._max_size:  # without conn: it was over the limit
             self._close(conn, fx)
         elif self._waiters:
             self._assign(Grant(conn), fx)

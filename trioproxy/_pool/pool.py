@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -134,7 +134,9 @@ class BackendPool:
                     if isinstance(result, Grant):
                         conn = result.conn
                         if conn.alive:
-                            await trio.lowlevel.checkpoint()
+                            # Not cancellable: the connection is ours from take() on, and a
+                            # Cancelled here would leave it borrowed with no owner.
+                            await trio.lowlevel.cancel_shielded_checkpoint()
                             return conn
                         self._apply(self.core.forget(conn))
                         continue
@@ -197,27 +199,54 @@ class BackendPool:
 
     # --- returning --------------------------------------------------------------------
 
-    def release(self, conn: ServerConnection, *, clean: bool, at_boundary: bool = True) -> None:
-        """Give a borrowed connection back. Sync: never blocks, never interrupted."""
+    def release(
+        self,
+        conn: ServerConnection,
+        *,
+        clean: bool,
+        at_boundary: bool = True,
+        reset_session: bool = False,
+    ) -> None:
+        """Give a borrowed connection back. Sync: never blocks, never interrupted.
+
+        ``clean``: transaction-wise clean and no session state: reusable at once.
+        ``at_boundary``: nothing owed and no half message: the pool can reset it
+        (ROLLBACK if a transaction is open, DISCARD ALL if ``reset_session``).
+        Anything else is closed.
+        """
         conn.last_used = trio.current_time()
-        if clean and conn.alive and conn.tx_status is TxStatus.IDLE:
+        if clean and not reset_session and conn.alive and conn.tx_status is TxStatus.IDLE:
             self._apply(self.core.checkin(conn, conn.last_used, reusable=True))
             return
-        if conn.alive and at_boundary and self._nursery is not None:
-            # Inside a transaction but nothing owed: the pool rolls it back itself.
-            self._nursery.start_soon(self._reset, conn)
+        if conn.alive and at_boundary and self._spawn(self._reset, conn, reset_session):
             return
         conn.close()
         self._apply(self.core.checkin(conn, conn.last_used, reusable=False))
 
-    async def _reset(self, conn: ServerConnection) -> None:
+    def _spawn(self, fn: Callable[[ServerConnection, bool], Awaitable[None]], conn: ServerConnection, flag: bool) -> bool:
+        """Run cleanup I/O in the pool's own nursery; False if the pool is shutting down."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(fn, conn, flag)
+        except RuntimeError:  # nursery closed: the pool is stopping
+            return False
+        return True
+
+    async def _reset(self, conn: ServerConnection, reset_session: bool) -> None:
         reusable = False
         with trio.move_on_after(RESET_TIMEOUT):
             try:
-                await conn.run("ROLLBACK")
+                if conn.tx_status is not TxStatus.IDLE:
+                    await conn.run("ROLLBACK")
+                if reset_session:
+                    await conn.run("DISCARD ALL")
+                    conn.extra_parameters.clear()
                 reusable = conn.tx_status is TxStatus.IDLE
             except (TrioproxyError, TransportClosed, ProtocolError) as exc:
-                logger.info("pool %s: reset of server connection %d failed: %s", self.name, conn.id, exc)
+                logger.info(
+                    "pool %s: reset of server connection %d failed: %s", self.name, conn.id, exc
+                )
         if not reusable:
             conn.close()
         self._apply(self.core.checkin(conn, trio.current_time(), reusable=reusable))
@@ -228,9 +257,7 @@ class BackendPool:
         for assignment in effects.assigned:
             assignment.waiter.event.set()
         for conn in effects.close:
-            if self._nursery is not None:
-                self._nursery.start_soon(conn.terminate)
-            else:
+            if not self._spawn(_terminate, conn, False):
                 conn.close()
         self._wake_maintenance.set()
 
@@ -243,3 +270,7 @@ class BackendPool:
             self._apply(self.core.expire(trio.current_time()))
             self._wake_maintenance = trio.Event()
             await trio.sleep(0.05)  # batch wake-ups under load
+
+
+async def _terminate(conn: ServerConnection, _unused: bool) -> None:
+    await conn.terminate()

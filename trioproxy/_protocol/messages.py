@@ -212,7 +212,7 @@ class NegotiateProtocolVersion:
 
 
 def _encode_fields(fields: Mapping[str, str]) -> bytes:
-    return b"".join(code.encode() + _cstr(value) for code, value in fields.items()) + b"\0"
+    return b"".join(code.encode("latin-1") + _cstr(value) for code, value in fields.items()) + b"\0"
 
 
 def _decode_fields(cur: _Cursor) -> dict[str, str]:

@@ -398,12 +398,21 @@ class ClientSession:
         if conn is None or self.pool is None:
             return
         tracker = self.tracker
-        clean = clean and self.pin_reason is None and tracker.releasable
+        # A session that may hold state (session mode, or pinned) is reset with
+        # DISCARD ALL before anyone else gets the connection.
+        reset_session = self._keep_linked()
         at_boundary = (
-            self.scanner.at_boundary and tracker.owed == 0 and not tracker.unsynced
-            and self.pin_reason is None and not tracker.copy_both
+            self.scanner.at_boundary
+            and tracker.owed == 0
+            and not tracker.unsynced
+            and not tracker.copy_both
         )
-        self.pool.release(conn, clean=clean, at_boundary=at_boundary)
+        self.pool.release(
+            conn,
+            clean=clean and tracker.releasable,
+            at_boundary=at_boundary,
+            reset_session=reset_session,
+        )
         self.tracker = TransactionTracker()
 
     def _keep_linked(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import trio
@@ -82,6 +83,7 @@ class Relay:
         self._outcome: Outcome | None = None
         self.error: str | None = None
         self._scope: trio.CancelScope | None = None
+        self._receive_scope: trio.CancelScope | None = None
         self.bytes_from_client = 0
         self.bytes_from_server = 0
 
@@ -152,21 +154,26 @@ class Relay:
             return
         self._maybe_finish()
 
+    def _arm_idle_in_transaction(self) -> None:
+        """Start the idle-in-transaction clock when the server has answered everything
+        inside an open transaction; any client byte stops it."""
+        if self._idle_in_tx > 0 and self._receive_scope is not None:
+            if self.tracker.in_transaction and not self.tracker.waiting_for_server:
+                self._receive_scope.deadline = trio.current_time() + self._idle_in_tx
+            else:
+                self._receive_scope.deadline = math.inf
+
     async def _client_to_server(self) -> None:
         while True:
             try:
-                if (
-                    self._idle_in_tx > 0
-                    and self.tracker.in_transaction
-                    and not self.tracker.waiting_for_server
-                ):
-                    with trio.move_on_after(self._idle_in_tx) as timeout:
-                        chunk = await self.client.receive_some()
-                    if timeout.cancelled_caught:
-                        self._finish(Outcome.IDLE_IN_TRANSACTION)
-                        return
-                else:
+                with trio.CancelScope() as scope:
+                    self._receive_scope = scope
+                    self._arm_idle_in_transaction()
                     chunk = await self.client.receive_some()
+                self._receive_scope = None
+                if scope.cancelled_caught:
+                    self._finish(Outcome.IDLE_IN_TRANSACTION)
+                    return
             except TransportClosed:
                 chunk = b""
             if not chunk:
@@ -215,6 +222,7 @@ class Relay:
                 self._to_client_busy = False
             self.bytes_from_server += len(chunk)
             self.server.tx_status = self.tracker.tx_status
+            self._arm_idle_in_transaction()
             self._maybe_finish()
 
 

@@ -21,6 +21,7 @@ by the receiver itself when no send is in progress.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -228,13 +229,21 @@ class Transport:
     # --- closing ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close at once (never blocks, never raises)."""
-        if not self.closed:
-            self.closed = True
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        """Close at once (never blocks, never raises).
+
+        On a healthy TLS connection a close_notify alert goes out first (best effort,
+        non-blocking), so the peer sees an orderly end rather than a truncation.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        tls = self._ssl
+        if tls is not None and not self.broken and not self._sending:
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                tls.unwrap()
+            self._flush_if_idle()
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
 async def open_tcp(host: str, port: int) -> Transport:
