@@ -8,9 +8,8 @@ stops it at the end of the test. ``tls_files`` is a session-wide CA + server cer
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
@@ -20,12 +19,19 @@ from trioproxy.config import parse_config
 from trioproxy.testing.certs import TLSFiles, make_self_signed_ca_and_server
 from trioproxy.testing.thread import ProxyThread
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 #: Users the proxy knows in tests. "app" has the same password on both sides; "alice"
 #: logs in to the proxy with her own password and to PostgreSQL as "app" (the client never
 #: learns the backend password).
 PROXY_USERS: dict[str, dict[str, str]] = {
     APP_USER: {"password": APP_PASSWORD},
-    "alice": {"password": "alice-proxy-pw", "backend_user": APP_USER, "backend_password": APP_PASSWORD},
+    "alice": {
+        "password": "alice-proxy-pw",
+        "backend_user": APP_USER,
+        "backend_password": APP_PASSWORD,
+    },
 }
 
 
@@ -90,7 +96,10 @@ class RunningProxy:
 
 
 def build_config(
-    pg: PostgresServer, tls: TLSFiles, users: dict[str, dict[str, str]] | None = None, **sections: Any
+    pg: PostgresServer,
+    tls: TLSFiles,
+    users: dict[str, dict[str, str]] | None = None,
+    **sections: Any,
 ) -> Any:
     data: dict[str, Any] = {
         "proxy": {

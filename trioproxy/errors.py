@@ -67,9 +67,25 @@ class AuthenticationFailed(TrioproxyError):
 
 
 class BackendError(TrioproxyError):
-    """The backend PostgreSQL could not be reached, refused us, or died."""
+    """The backend PostgreSQL could not be reached, refused us, or died.
+
+    ``permanent``: retrying cannot help (a certificate that fails verification, a server
+    without TLS when TLS is required); the pool reports it at once instead of retrying
+    until the borrow timeout.
+    """
 
     sqlstate = SQLState.CONNECTION_FAILURE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        detail: str | None = None,
+        permanent: bool = False,
+    ):
+        super().__init__(message, sqlstate=sqlstate, detail=detail)
+        self.permanent = permanent
 
 
 class BorrowTimeout(TrioproxyError):

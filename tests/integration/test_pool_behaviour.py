@@ -25,7 +25,8 @@ def test_borrow_timeout_answers_and_connection_stays_usable(proxy_factory) -> No
         assert time.monotonic() - started < 5
         assert str(caught.value).startswith("Timed-out waiting to acquire database connection.")
         detail = caught.value.diag.message_detail or ""
-        assert "1 server connections" in detail and "1 in use" in detail
+        assert "1 server connections" in detail
+        assert "1 in use" in detail
         # Extended protocol (parameters): the proxy skips to Sync and answers once.
         with pytest.raises(errors.TooManyConnections):
             waiter.execute("select %s::int", (5,))
@@ -49,9 +50,7 @@ def test_idle_client_timeout_closes_with_reason(proxy_factory) -> None:
 
 
 def test_idle_in_transaction_timeout(proxy_factory, pg) -> None:
-    proxy = proxy_factory(
-        proxy={"idle_in_transaction_timeout": 0.5}, pool=TRANSACTION_ONE
-    )
+    proxy = proxy_factory(proxy={"idle_in_transaction_timeout": 0.5}, pool=TRANSACTION_ONE)
     with psycopg.connect(proxy.dsn()) as conn:
         conn.execute("select 1")  # psycopg opened a transaction: held, then idle
         time.sleep(1.5)
@@ -65,9 +64,10 @@ def test_idle_in_transaction_timeout(proxy_factory, pg) -> None:
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_cancel_reaches_the_right_query(proxy_factory, mode: str) -> None:
     proxy = proxy_factory(pool={"pool_mode": mode, "max_connections": 4})
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, psycopg.connect(
-        proxy.dsn(), autocommit=True
-    ) as bystander:
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as conn,
+        psycopg.connect(proxy.dsn(), autocommit=True) as bystander,
+    ):
         bystander_result: list[object] = []
 
         def bystander_query() -> None:
@@ -133,10 +133,12 @@ def test_client_gone_mid_result_gives_next_client_a_clean_connection(proxy_facto
 
 def test_parameters_follow_each_client_across_server_connections(proxy_factory) -> None:
     proxy = proxy_factory(pool=TRANSACTION_ONE)
-    a = psycopg.connect(proxy.dsn(application_name="client-a", options="-c TimeZone=UTC"),
-                        autocommit=True)
-    b = psycopg.connect(proxy.dsn(application_name="client-b",
-                                  options="-c TimeZone=Asia/Tokyo"), autocommit=True)
+    a = psycopg.connect(
+        proxy.dsn(application_name="client-a", options="-c TimeZone=UTC"), autocommit=True
+    )
+    b = psycopg.connect(
+        proxy.dsn(application_name="client-b", options="-c TimeZone=Asia/Tokyo"), autocommit=True
+    )
     try:
         for _ in range(3):
             assert a.execute("show application_name").fetchone() == ("client-a",)
@@ -162,3 +164,57 @@ def test_max_client_connections(proxy_factory) -> None:
         assert "too many clients" in str(caught.value)
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def _server_connections(pg) -> int:
+    out = pg.psql(
+        "-At",
+        "-c",
+        "select count(*) from pg_stat_activity where datname = 'app' "
+        "and backend_type = 'client backend' and pid <> pg_backend_pid()",
+    )
+    return int(out.strip())
+
+
+def test_global_cap_across_pools_evicts_idle_connections(proxy_factory, pg) -> None:
+    """Two pools (users app and alice) share a budget of 2 server connections."""
+    proxy = proxy_factory(pool={"pool_mode": "transaction", "max_connections": 2})
+    app_clients = [
+        psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) for _ in range(2)
+    ]
+    alice = psycopg.connect(proxy.dsn(user="alice"), autocommit=True, prepare_threshold=None)
+    try:
+        # Both of app's clients inside transactions: app's pool holds the whole budget.
+        for conn in app_clients:
+            conn.execute("begin")
+            conn.execute("select 1")
+        assert _server_connections(pg) == 2
+        for conn in app_clients:
+            conn.execute("commit")  # now idle in app's pool
+        # alice's pool has no connection: it must evict one of app's idle ones.
+        assert alice.execute("select current_user").fetchone() == ("app",)
+        assert _server_connections(pg) <= 2
+        results: list[object] = []
+
+        def work(conn: psycopg.Connection, tag: str) -> None:
+            for i in range(20):
+                results.append(conn.execute("select %s::text", (f"{tag}{i}",)).fetchone())
+
+        threads = [
+            threading.Thread(target=work, args=(c, t))
+            for c, t in ((app_clients[0], "a"), (app_clients[1], "b"), (alice, "c"))
+        ]
+        for t in threads:
+            t.start()
+        peak = 0
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            peak = max(peak, _server_connections(pg))
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        assert len(results) == 60
+        assert peak <= 2
+    finally:
+        for conn in [*app_clients, alice]:
+            conn.close()

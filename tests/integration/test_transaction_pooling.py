@@ -54,7 +54,8 @@ def test_300_clients_on_a_server_allowing_20(pg_factory, proxy_factory) -> None:
                 async with conn.transaction():
                     cur = await conn.execute("select %s::int * 2, pg_backend_pid()", (n * 10 + i,))
                     row = await cur.fetchone()
-                    assert row is not None and row[0] == (n * 10 + i) * 2
+                    assert row is not None
+                    assert row[0] == (n * 10 + i) * 2
                 cur = await conn.execute("select %s::text", (f"client-{n}",))
                 assert await cur.fetchone() == (f"client-{n}",)
                 done += 1

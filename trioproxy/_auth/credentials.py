@@ -12,12 +12,14 @@ Later sources (IAM tokens, secret providers) plug in as further fields of
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from trioproxy._auth.scram import ScramVerifier
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class UserSource(Protocol):
@@ -44,7 +46,9 @@ class UserCredentials:
 
 
 class CredentialStore:
-    def __init__(self, users: Mapping[str, UserSource], *, mock_secret: bytes | None = None) -> None:
+    def __init__(
+        self, users: Mapping[str, UserSource], *, mock_secret: bytes | None = None
+    ) -> None:
         self._mock_secret = mock_secret if mock_secret is not None else secrets.token_bytes(32)
         self._users: dict[str, UserCredentials] = {}
         for name, user in users.items():

@@ -54,7 +54,9 @@ class LoginResult:
 def error_from_server(error: ErrorResponse) -> BackendError:
     """A BackendError carrying the server's own SQLSTATE and message."""
     detail = error.fields.get("D")
-    return BackendError(error.message or "server error", sqlstate=error.sqlstate or None, detail=detail)
+    return BackendError(
+        error.message or "server error", sqlstate=error.sqlstate or None, detail=detail
+    )
 
 
 def backend_login(
@@ -62,7 +64,7 @@ def backend_login(
     user: str,
     database: str,
     password: str | None,
-    parameters: Mapping[str, str] = {},  # noqa: B006 - read-only default
+    parameters: Mapping[str, str] = {},
 ) -> LoginStep:
     startup = {"user": user, "database": database, **parameters}
     yield StartupMessage(startup).encode()

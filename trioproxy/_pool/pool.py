@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
+from trioproxy._pool.budget import PoolLimits, ServerBudget
 from trioproxy._pool.core import Effects, Grant, Open, PoolCore, PoolStatistics, Wait
 from trioproxy._protocol.codes import TxStatus
 from trioproxy._server.backend import BackendTarget, ServerConnection, connect_server
 from trioproxy._server.transport import TransportClosed
 from trioproxy.errors import BackendError, BorrowTimeout, ProtocolError, TrioproxyError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger("trioproxy.pool")
 
@@ -40,29 +44,6 @@ class _Waiter:
     event: trio.Event = attrs.field(factory=trio.Event)
 
 
-@attrs.frozen(kw_only=True)
-class PoolLimits:
-    """How many server connections; ``max_connections == 0`` means derive from percent."""
-
-    max_connections: int
-    max_connections_percent: int
-    max_idle_connections_percent: int
-    server_lifetime: float
-    server_idle_timeout: float
-
-
-def derive_max_size(limits: PoolLimits, server_max: int) -> tuple[int, int]:
-    """(max_size, max_idle) from the server's usable connection count (RDS Proxy rule)."""
-    if limits.max_connections > 0:
-        base = limits.max_connections
-        size = base
-    else:
-        base = server_max
-        size = max(1, math.floor(server_max * limits.max_connections_percent / 100))
-    idle = math.floor(base * limits.max_idle_connections_percent / 100)
-    return size, min(idle, size)
-
-
 class BackendPool:
     """Server connections for one (database, user) target."""
 
@@ -73,23 +54,20 @@ class BackendPool:
         target: BackendTarget,
         limits: PoolLimits,
         init_query: str = "",
-        on_learn_server_max: Callable[[int], None] | None = None,
+        budget: ServerBudget | None = None,
     ) -> None:
         self.name = name
         self.target = target
         self.limits = limits
         self.init_query = init_query
-        self._on_learn_server_max = on_learn_server_max
-        # Percent-based sizing needs the server's max_connections: until the first
-        # connection tells us, only one slot, so only one probe connection is opened.
-        size = limits.max_connections if limits.max_connections > 0 else 1
+        self.budget = budget if budget is not None else ServerBudget(limits)
         self.core: PoolCore[ServerConnection, _Waiter] = PoolCore(
-            max_size=size,
-            max_idle=size,
+            max_size=self.budget.cap,
+            max_idle=self.budget.max_idle,
             server_lifetime=limits.server_lifetime,
             server_idle_timeout=limits.server_idle_timeout,
         )
-        self.sized = limits.max_connections > 0
+        self.budget.join(self)
         #: ParameterStatus values of the first server connection (server_version, ...).
         self.server_parameters: dict[str, str] | None = None
         self._nursery: trio.Nursery | None = None
@@ -109,6 +87,7 @@ class BackendPool:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self.budget.leave(self)
             for conn in [*self.core.idle(), *self.core.borrowed()]:
                 conn.close()
 
@@ -117,8 +96,9 @@ class BackendPool:
 
     # --- borrowing --------------------------------------------------------------------
 
-    async def borrow(self, timeout: float) -> ServerConnection:
+    async def borrow(self, timeout: float) -> ServerConnection:  # noqa: ASYNC109 - the deadline also decides retry and which error
         """A clean server connection for the caller, or BorrowTimeout / BackendError."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         deadline = trio.current_time() + timeout
         backoff = 0.05
         last_error: BackendError | None = None
@@ -138,6 +118,7 @@ class BackendPool:
                             # Cancelled here would leave it borrowed with no owner.
                             await trio.lowlevel.cancel_shielded_checkpoint()
                             return conn
+                        conn.close()
                         self._apply(self.core.forget(conn))
                         continue
                     assert isinstance(result, Open)
@@ -146,9 +127,11 @@ class BackendPool:
                     except BackendError as exc:
                         last_error = exc
                         self.setup_failures += 1
-                        if exc.sqlstate[:2] in _PERMANENT_ERROR_CLASSES:
+                        if exc.permanent or exc.sqlstate[:2] in _PERMANENT_ERROR_CLASSES:
                             raise
-                        logger.warning("pool %s: server connection failed: %s", self.name, exc.message)
+                        logger.warning(
+                            "pool %s: server connection failed: %s", self.name, exc.message
+                        )
                     # Back off before trying again, still within the deadline.
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -164,9 +147,15 @@ class BackendPool:
     async def _open(self) -> ServerConnection:
         """Fill the Open slot we hold: connect, or report the failure to the core."""
         try:
-            conn = await connect_server(self.target, now=trio.current_time())
+            await self.budget.acquire(self)
             try:
-                if not self.sized:
+                conn = await connect_server(self.target, now=trio.current_time())
+            except BaseException:
+                self.budget.release()
+                raise
+            conn.on_close = self.budget.release
+            try:
+                if not self.budget.sized:
                     await self._learn_size(conn)
                 if self.init_query:
                     await conn.run(self.init_query)
@@ -186,16 +175,26 @@ class BackendPool:
             "SELECT current_setting('max_connections')::int"
             " - current_setting('superuser_reserved_connections')::int"
         )
-        usable = int(values[0] or 1)
-        size, idle = derive_max_size(self.limits, max(1, usable))
-        self.sized = True
+        self.budget.learn(int(values[0] or 1))
+
+    # --- budget member ----------------------------------------------------------------
+
+    def resize(self, max_size: int, max_idle: int) -> None:
+        self._apply(self.core.resize(max_size=max_size, max_idle=max_idle))
+
+    def evict_one_idle(self) -> bool:
+        """Close this pool's least recently used idle connection (for another pool)."""
+        idle = list(self.core.idle())
+        if not idle:
+            return False
+        conn = idle[-1]
+        self._apply(self.core.forget(conn))
+        if not self._spawn(_terminate, conn, False):
+            conn.close()
         logger.info(
-            "pool %s: server allows %d connections; pool size %d, idle %d",
-            self.name, usable, size, idle,
+            "pool %s: idle server connection %d evicted for another pool", self.name, conn.id
         )
-        if self._on_learn_server_max is not None:
-            self._on_learn_server_max(usable)
-        self._apply(self.core.resize(max_size=size, max_idle=idle))
+        return True
 
     # --- returning --------------------------------------------------------------------
 
@@ -217,13 +216,19 @@ class BackendPool:
         conn.last_used = trio.current_time()
         if clean and not reset_session and conn.alive and conn.tx_status is TxStatus.IDLE:
             self._apply(self.core.checkin(conn, conn.last_used, reusable=True))
+            self.budget.poke()
             return
         if conn.alive and at_boundary and self._spawn(self._reset, conn, reset_session):
             return
         conn.close()
         self._apply(self.core.checkin(conn, conn.last_used, reusable=False))
 
-    def _spawn(self, fn: Callable[[ServerConnection, bool], Awaitable[None]], conn: ServerConnection, flag: bool) -> bool:
+    def _spawn(
+        self,
+        fn: Callable[[ServerConnection, bool], Awaitable[None]],
+        conn: ServerConnection,
+        flag: bool,
+    ) -> bool:
         """Run cleanup I/O in the pool's own nursery; False if the pool is shutting down."""
         if self._nursery is None:
             return False
@@ -250,6 +255,7 @@ class BackendPool:
         if not reusable:
             conn.close()
         self._apply(self.core.checkin(conn, trio.current_time(), reusable=reusable))
+        self.budget.poke()
 
     # --- effects & maintenance --------------------------------------------------------
 

@@ -17,12 +17,15 @@ Three readers, one job each:
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import attrs
 
 from trioproxy._protocol.codes import MAX_STARTUP_PACKET_LENGTH
 from trioproxy.errors import RemoteProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
 
 _INT32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Self, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, Self, TypeAlias
 
 import attrs
 
@@ -21,8 +21,10 @@ from trioproxy._protocol.codes import (
     Frontend,
     TxStatus,
 )
-from trioproxy._protocol.framing import Message
 from trioproxy.errors import RemoteProtocolError
+
+if TYPE_CHECKING:
+    from trioproxy._protocol.framing import Message
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -181,7 +183,9 @@ class BackendKeyData:
     secret_key: int
 
     def encode(self) -> bytes:
-        return frame(Backend.BACKEND_KEY_DATA, _I32.pack(self.process_id) + _U32.pack(self.secret_key))
+        return frame(
+            Backend.BACKEND_KEY_DATA, _I32.pack(self.process_id) + _U32.pack(self.secret_key)
+        )
 
 
 @attrs.frozen
@@ -389,7 +393,12 @@ class CancelRequest:
     secret_key: int
 
     def encode(self) -> bytes:
-        return _I32.pack(16) + _I32.pack(80877102) + _I32.pack(self.process_id) + _U32.pack(self.secret_key)
+        return (
+            _I32.pack(16)
+            + _I32.pack(80877102)
+            + _I32.pack(self.process_id)
+            + _U32.pack(self.secret_key)
+        )
 
 
 @attrs.frozen
@@ -414,7 +423,9 @@ class SASLInitialResponse:
     data: bytes
 
     def encode(self) -> bytes:
-        return frame(Frontend.PASSWORD, _cstr(self.mechanism) + _I32.pack(len(self.data)) + self.data)
+        return frame(
+            Frontend.PASSWORD, _cstr(self.mechanism) + _I32.pack(len(self.data)) + self.data
+        )
 
     @classmethod
     def parse(cls, body: bytes) -> SASLInitialResponse:
@@ -468,11 +479,15 @@ class Bind:
 
     def encode(self) -> bytes:
         body = _cstr(self.portal) + _cstr(self.statement)
-        body += _I16.pack(len(self.param_formats)) + b"".join(_I16.pack(f) for f in self.param_formats)
+        body += _I16.pack(len(self.param_formats)) + b"".join(
+            _I16.pack(f) for f in self.param_formats
+        )
         body += _I16.pack(len(self.params))
         for value in self.params:
             body += _I32.pack(-1) if value is None else _I32.pack(len(value)) + value
-        body += _I16.pack(len(self.result_formats)) + b"".join(_I16.pack(f) for f in self.result_formats)
+        body += _I16.pack(len(self.result_formats)) + b"".join(
+            _I16.pack(f) for f in self.result_formats
+        )
         return frame(Frontend.BIND, body)
 
 
@@ -521,7 +536,9 @@ class Terminate:
         return frame(Frontend.TERMINATE, b"")
 
 
-FrontendMessage: TypeAlias = Query | Parse | Bind | Describe | Execute | Close | Sync | Flush | Terminate
+FrontendMessage: TypeAlias = (
+    Query | Parse | Bind | Describe | Execute | Close | Sync | Flush | Terminate
+)
 
 
 def _counted(cur: _Cursor, read: str) -> tuple[int, ...]:

@@ -6,11 +6,13 @@ idle, one client session while borrowed. Only its owner reads or writes it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import ssl
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -30,6 +32,9 @@ from trioproxy._protocol.messages import (
 )
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
 from trioproxy.errors import BackendError, ProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 logger = logging.getLogger("trioproxy.backend")
 
@@ -63,6 +68,8 @@ class ServerConnection:
     tx_status: TxStatus = TxStatus.IDLE
     #: Unreported parameters the proxy SET on this connection for its current client.
     extra_parameters: dict[str, str] = attrs.field(factory=dict)
+    #: Called exactly once when the connection closes (the pool's budget unit).
+    on_close: Callable[[], None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -70,15 +77,22 @@ class ServerConnection:
 
     def close(self) -> None:
         self.transport.close()
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            callback()
 
     async def terminate(self) -> None:
-        """Say goodbye politely (best effort), then close."""
+        """Say goodbye, wait (bounded) until the server has closed its end, then close.
+
+        Waiting for the server's EOF means its backend process is gone from
+        PostgreSQL's slot table before our budget unit is given back.
+        """
         if self.alive:
-            with trio.move_on_after(1):
-                try:
+            with trio.move_on_after(2):
+                with contextlib.suppress(TransportClosed):
                     await self.transport.send_all(Terminate().encode())
-                except TransportClosed:
-                    pass
+                    while await self.transport.receive_some():
+                        pass
         self.close()
 
     async def run(self, sql: str) -> list[str | None]:
@@ -135,17 +149,31 @@ async def _negotiate_tls(transport: Transport, target: BackendTarget) -> None:
     await transport.send_all(SSLRequest().encode())
     answer = await transport.receive_some(1)
     if answer == b"S":
-        await transport.start_tls(
-            target.tls_context, server_side=False, server_hostname=target.host
-        )
+        try:
+            await transport.start_tls(
+                target.tls_context, server_side=False, server_hostname=target.host
+            )
+        except TransportClosed as exc:
+            verify = isinstance(exc.__cause__, ssl.SSLCertVerificationError)
+            raise BackendError(
+                f"TLS handshake with server at {target.host}:{target.port} failed: "
+                f"{exc.__cause__ or exc}",
+                permanent=verify,
+            ) from exc
     elif answer == b"N":
         if target.tls_required:
-            raise BackendError(f"server at {target.host}:{target.port} does not support TLS")
+            raise BackendError(
+                f"server at {target.host}:{target.port} does not support TLS "
+                "(backend_tls requires it)",
+                permanent=True,
+            )
     else:
         raise BackendError(f"unexpected answer to SSLRequest from server: {answer!r}")
 
 
-async def _login(transport: Transport, target: BackendTarget, parameters: Mapping[str, str]) -> LoginResult:
+async def _login(
+    transport: Transport, target: BackendTarget, parameters: Mapping[str, str]
+) -> LoginResult:
     procedure = backend_login(
         user=target.user, database=target.database, password=target.password, parameters=parameters
     )
@@ -169,7 +197,7 @@ async def _login(transport: Transport, target: BackendTarget, parameters: Mappin
 
 
 async def connect_server(
-    target: BackendTarget, *, now: float, parameters: Mapping[str, str] = {}  # noqa: B006
+    target: BackendTarget, *, now: float, parameters: Mapping[str, str] = {}
 ) -> ServerConnection:
     """Open and log in one server connection; BackendError (server's reason) on failure."""
     transport: Transport | None = None
@@ -195,11 +223,18 @@ async def connect_server(
             transport.close()
         raise
     connection = ServerConnection(
-        transport=transport, key=result.key, parameters=dict(result.parameters),
-        created_at=now, last_used=now,
+        transport=transport,
+        key=result.key,
+        parameters=dict(result.parameters),
+        created_at=now,
+        last_used=now,
     )
     logger.info(
         "server connection %d opened to %s:%d as %s/%s",
-        connection.id, target.host, target.port, target.user, target.database,
+        connection.id,
+        target.host,
+        target.port,
+        target.user,
+        target.database,
     )
     return connection

@@ -16,18 +16,24 @@ listener down. Every exit path gives the server connection back to the pool.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import secrets
 import struct
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import trio
 
 from trioproxy._auth.scram import ScramServer
 from trioproxy._protocol.codes import Backend, Frontend, TxStatus
-from trioproxy._protocol.framing import MessageReader, ScannedMessage, StartupReader, StreamScanner
+from trioproxy._protocol.framing import (
+    Message,
+    MessageReader,
+    ScannedMessage,
+    StartupReader,
+    StreamScanner,
+)
 from trioproxy._protocol.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -44,7 +50,6 @@ from trioproxy._protocol.messages import (
     error_bytes,
     parameter_status_bytes,
 )
-from trioproxy._protocol.framing import Message
 from trioproxy._protocol.startup import (
     CancelRequestPacket,
     GSSENCRequestPacket,
@@ -52,11 +57,13 @@ from trioproxy._protocol.startup import (
     StartupPacket,
     parse_startup_packet,
 )
-from trioproxy._pool.pool import BackendPool
-from trioproxy._server.backend import ServerConnection
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
-from trioproxy._session.pinning import TRACKED_PARAMETERS, pin_reason_for_parse, pin_reason_for_query
+from trioproxy._session.pinning import (
+    TRACKED_PARAMETERS,
+    pin_reason_for_parse,
+    pin_reason_for_query,
+)
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
 from trioproxy.config import PoolMode
 from trioproxy.errors import (
@@ -69,6 +76,10 @@ from trioproxy.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from trioproxy._pool.pool import BackendPool
+    from trioproxy._server.backend import ServerConnection
     from trioproxy._server.proxy import Proxy
 
 logger = logging.getLogger("trioproxy.client")
@@ -94,9 +105,7 @@ def _parse_options(options: str) -> dict[str, str]:
         if word == "-c" and i + 1 < len(words):
             word = words[i + 1]
             i += 1
-        elif word.startswith("-c"):
-            word = word[2:]
-        elif word.startswith("--"):
+        elif word.startswith(("-c", "--")):
             word = word[2:]
         else:
             raise AuthenticationFailed(
@@ -115,7 +124,9 @@ def _parse_options(options: str) -> dict[str, str]:
 
 
 class ClientSession:
-    def __init__(self, proxy: Proxy, transport: Transport, client_id: int, *, over_limit: bool) -> None:
+    def __init__(
+        self, proxy: Proxy, transport: Transport, client_id: int, *, over_limit: bool
+    ) -> None:
         self.proxy = proxy
         self.config = proxy.config
         self.transport = transport
@@ -147,7 +158,9 @@ class ClientSession:
                     await self._login()
             except trio.TooSlowError:
                 logger.info("client %d: login timed out", self.id)
-                await self._fatal(SQLState.PROTOCOL_VIOLATION, "canceling authentication due to timeout")
+                await self._fatal(
+                    SQLState.PROTOCOL_VIOLATION, "canceling authentication due to timeout"
+                )
                 return
             await self._serve()
         except _LoginFailed:
@@ -174,11 +187,12 @@ class ClientSession:
         """Tell the client why we close it (best effort, bounded), then close."""
         if self.transport.broken or self.transport.closed:
             return
-        with trio.move_on_after(1), trio.CancelScope(shield=True):
-            try:
-                await self._send(error_bytes(sqlstate, message, fatal=True, detail=detail))
-            except TransportClosed:
-                pass
+        # Shielded (we may be closing because of a cancellation) but bounded.
+        with (
+            trio.CancelScope(shield=True, deadline=trio.current_time() + 1),
+            contextlib.suppress(TransportClosed),
+        ):
+            await self._send(error_bytes(sqlstate, message, fatal=True, detail=detail))
         self.transport.close()
 
     async def _receive(self) -> bytes:
@@ -231,7 +245,11 @@ class ClientSession:
         self.application_name = self.parameters.get("application_name", "")
         logger.info(
             "client %d: logged in as %s to %s (tls=%s, application_name=%r)",
-            self.id, self.user, self.database, self.transport.is_tls, self.application_name,
+            self.id,
+            self.user,
+            self.database,
+            self.transport.is_tls,
+            self.application_name,
         )
         if reader.buffered:
             # Pipelined bytes after authentication belong to the serving phase.
@@ -274,9 +292,7 @@ class ClientSession:
         while (message := reader.next_message()) is None:
             reader.feed(await self._receive())
         if message.type != Frontend.PASSWORD:
-            raise ProtocolError(
-                f"expected SASL response, got message type {chr(message.type)!r}"
-            )
+            raise ProtocolError(f"expected SASL response, got message type {chr(message.type)!r}")
         return message.body
 
     async def _authenticate(self, reader: MessageReader) -> None:
@@ -293,7 +309,9 @@ class ClientSession:
                 raise AuthenticationFailed("unknown user")  # unreachable: mock never matches
         except AuthenticationFailed as exc:
             # Same answer for a wrong password and an unknown user: no enumeration.
-            logger.info("client %d: authentication failed for user %r: %s", self.id, self.user, exc.message)
+            logger.info(
+                "client %d: authentication failed for user %r: %s", self.id, self.user, exc.message
+            )
             self.proxy.stats.failed_logins += 1
             await self._fatal(
                 SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
@@ -332,7 +350,9 @@ class ClientSession:
         )
         if not needs_server:
             assert defaults is not None
-            self.parameters = {k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS}
+            self.parameters = {
+                k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS
+            }
             return
         conn = await self._borrow()
         try:
@@ -437,7 +457,9 @@ class ClientSession:
             self.pin_reason = reason
             logger.info(
                 "client %d: pinned to its server connection: %s (application_name=%r)",
-                self.id, reason, self.application_name,
+                self.id,
+                reason,
+                self.application_name,
             )
 
     def _on_parameter_status(self, status: ParameterStatus) -> None:

@@ -21,14 +21,14 @@ import itertools
 import logging
 import secrets
 import socket
-import ssl
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from trioproxy._auth.credentials import CredentialStore
-from trioproxy._pool.pool import BackendPool, PoolLimits
+from trioproxy._pool.budget import PoolLimits, ServerBudget
+from trioproxy._pool.pool import BackendPool
 from trioproxy._protocol.messages import CancelRequest
 from trioproxy._server.backend import BackendTarget
 from trioproxy._server.client import ClientSession
@@ -36,6 +36,10 @@ from trioproxy._server.tls import backend_context, server_context
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
 from trioproxy.config import BackendTLS, Config
 from trioproxy.errors import AuthenticationFailed, SQLState, TrioproxyError
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Iterator
 
 logger = logging.getLogger("trioproxy")
 
@@ -74,6 +78,15 @@ class Proxy:
         self._client_ids = itertools.count(1)
         self._pool_nursery: trio.Nursery | None = None
         self.stats = ProxyStats()
+        pool_config = config.pool
+        self.limits = PoolLimits(
+            max_connections=pool_config.max_connections,
+            max_connections_percent=pool_config.max_connections_percent,
+            max_idle_connections_percent=pool_config.max_idle_connections_percent,
+            server_lifetime=pool_config.server_lifetime,
+            server_idle_timeout=pool_config.server_idle_timeout,
+        )
+        self.budget = ServerBudget(self.limits)
 
     # --- pools ------------------------------------------------------------------------
 
@@ -98,15 +111,12 @@ class Proxy:
             connect_timeout=backend.connect_timeout,
             max_message_size=self.config.proxy.max_message_size,
         )
-        limits = PoolLimits(
-            max_connections=pool_config.max_connections,
-            max_connections_percent=pool_config.max_connections_percent,
-            max_idle_connections_percent=pool_config.max_idle_connections_percent,
-            server_lifetime=pool_config.server_lifetime,
-            server_idle_timeout=pool_config.server_idle_timeout,
-        )
         pool = BackendPool(
-            name=f"{database}/{user}", target=target, limits=limits, init_query=pool_config.init_query
+            name=f"{database}/{user}",
+            target=target,
+            limits=self.limits,
+            init_query=pool_config.init_query,
+            budget=self.budget,
         )
         assert self._pool_nursery is not None
         self._pool_nursery.start_soon(pool.run)
@@ -206,8 +216,9 @@ class Proxy:
                 logger.info(
                     "trioproxy listening on %s (tls=%s, pool_mode=%s)",
                     ", ".join(f"{a.host}:{a.port}" for a in addresses),
-                    "required" if self.config.proxy.require_tls else (
-                        "available" if self.tls_context else "off"),
+                    "required"
+                    if self.config.proxy.require_tls
+                    else ("available" if self.tls_context else "off"),
                     self.config.pool.pool_mode.value,
                 )
                 task_status.started(addresses)
@@ -216,7 +227,9 @@ class Proxy:
                 listener.close()
 
 
-async def _child_nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+async def _child_nursery(
+    *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+) -> None:
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
@@ -241,7 +254,9 @@ def open_listeners(config: Config) -> list[socket.socket]:
     except OSError as exc:
         for sock in listeners:
             sock.close()
-        raise TrioproxyError(f"cannot listen on {address.host}:{address.port}: {exc.strerror}") from exc
+        raise TrioproxyError(
+            f"cannot listen on {address.host}:{address.port}: {exc.strerror}"
+        ) from exc
     return listeners
 
 

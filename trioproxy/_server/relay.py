@@ -23,17 +23,21 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.framing import Message, ScannedMessage, StreamScanner
 from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_backend
-from trioproxy._server.backend import ServerConnection
 from trioproxy._server.transport import Transport, TransportClosed
-from trioproxy._session.tracker import TransactionTracker
 from trioproxy.errors import ProtocolError, SQLState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from trioproxy._server.backend import ServerConnection
+    from trioproxy._session.tracker import TransactionTracker
 
 logger = logging.getLogger("trioproxy.relay")
 

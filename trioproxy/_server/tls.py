@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trioproxy.config import BackendTLS
 from trioproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -19,7 +22,9 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     try:
         context.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate {cert_file} / key {key_file}: {exc}") from exc
+        raise ConfigError(
+            f"cannot load TLS certificate {cert_file} / key {key_file}: {exc}"
+        ) from exc
     # PostgreSQL clients negotiate ALPN "postgresql" only for direct TLS (PG17+);
     # offering it is harmless for the SSLRequest flow.
     context.set_alpn_protocols(["postgresql"])

@@ -217,7 +217,9 @@ class Transport:
                 raw = await self._recv_raw(RECEIVE_SIZE)
                 if not raw:
                     self.broken = True
-                    raise TransportClosed("peer closed the connection during the TLS handshake")
+                    raise TransportClosed(
+                        "peer closed the connection during the TLS handshake"
+                    ) from None
                 incoming.write(raw)
                 continue
             except ssl.SSLError as exc:

@@ -1,19 +1,42 @@
-"""Which client statements leave state in the server session (interim detector).
+"""Which client statements pin a client to its server connection.
 
-[core] Transaction pooling hands a server connection to another client at every
-transaction boundary, so state a statement leaves in the *session* (a prepared statement,
-a temp table, LISTEN, an advisory lock, a non-reported SET) would leak to that client or be
-lost. Until the full SQL scanner and unpinning arrive, this detector is deliberately
-conservative: it pins the client to its server connection for the rest of its session
-whenever a statement *might* leave such state (correct beats clever). Reported parameters
-(application_name, TimeZone, ...) are not pinned: the server announces their changes with
-ParameterStatus and the proxy replays them on whichever connection serves the client.
+[core] Transaction pooling hands a server connection to another client at every transaction
+boundary, so state a statement leaves in the *session* (a prepared statement, a temp table,
+LISTEN, an advisory lock, a SET the proxy does not replay) would leak to that client or be
+lost. This module is the pinning *policy*; ``sqlscan`` does the lexing and says what each
+statement does (docs/pinning.md has the full table).
+
+Rules.
+
+1. When unsure, pin. A statement the scanner cannot parse, an unterminated quote or comment,
+   or a session SET of a parameter the proxy does not replay, all pin. Correct beats clever.
+2. Reported parameters (``TRACKED_PARAMETERS``: application_name, TimeZone, ...) do not pin:
+   the server announces their changes with ParameterStatus and the proxy replays them on
+   whichever connection serves the client next.
+3. Pins last for the rest of the client's session today. The scanner already reports the
+   statements that remove state (UNLISTEN, DEALLOCATE, CLOSE, DISCARD,
+   pg_advisory_unlock_all); acting on them safely needs the server's confirmation that they
+   succeeded, which belongs to the link state machine (planned).
+
+Two cheap steps keep this off the hot path: a substring pre-filter (every pin needs one of
+a few words somewhere in the text, so most SELECT/INSERT/DELETE traffic never reaches the
+lexer), and a small cache of recent answers for short query texts (drivers repeat the same
+statement text, above all in the extended protocol's Parse).
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from typing import Final
+
+from trioproxy._session.sqlscan import (
+    EffectKind,
+    PinReason,
+    StateKind,
+    StatementEffect,
+    classify,
+    split_statements,
+)
 
 #: Parameters the server reports with ParameterStatus; the proxy tracks and replays them.
 TRACKED_PARAMETERS: Final = frozenset(
@@ -27,52 +50,89 @@ TRACKED_PARAMETERS: Final = frozenset(
     }
 )
 
-_COMMENT = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
-_ADVISORY = re.compile(r"pg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
-_WITH_HOLD = re.compile(r"\bwith\s+hold\b", re.I)
-_TEMP = re.compile(r"\Acreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\b", re.I)
-_SET = re.compile(r"\A(?:set|reset)\s+(?:(session|local)\s+)?(\"?[\w.]+\"?)", re.I)
+#: Every pin needs one of these in the text (case-insensitively): ``temp`` (TEMP,
+#: TEMPORARY, pg_temp), ``hold``, ``listen``, ``advisory_lock``, ``prepare``, ``load``,
+#: ``set`` (SET, RESET, set_config), ``discard``, and ``&`` for ``U&"..."`` identifiers,
+#: whose escapes can spell any name. ``test_pinning.py`` checks the filter against the
+#: unfiltered path.
+_TRIGGERS: Final = ("set", "temp", "listen", "prepare", "hold", "load", "advisory_lock", "discard")
+
+#: Query texts up to this size have their answer cached (the cache holds the text).
+_CACHED_TEXT_MAX: Final = 4096
+
+UNTERMINATED: Final = "unterminated quote or comment"
 
 
-def _statements(sql: str) -> list[str]:
-    # Split on semicolons; a semicolon inside a literal only yields extra fragments,
-    # which can only make the detector pin more, never less.
-    return [_COMMENT.sub("", part, count=1) for part in sql.split(";")]
+def pin_reason(effect: StatementEffect, *, exclude_variable_sets: bool = False) -> str | None:
+    """The pinning policy for one classified statement: why it pins, or None.
 
-
-def pin_reason_for_query(sql: str) -> str | None:
-    """Why a simple-protocol query pins its client, or None."""
-    if _ADVISORY.search(sql):
-        return "advisory lock"
-    for statement in _statements(sql):
-        head = statement[:40].lower()
-        if not head:
-            continue
-        word = head.split(None, 1)[0] if head.split() else ""
-        if word in ("prepare",):
-            return "SQL PREPARE"
-        if word in ("listen",):
-            return "LISTEN"
-        if word == "load":
-            return "LOAD"
-        if word == "declare" and _WITH_HOLD.search(statement):
-            return "cursor WITH HOLD"
-        if _TEMP.match(statement):
-            return "temporary object"
-        if word in ("set", "reset"):
-            match = _SET.match(statement)
-            if match is None:
-                return "SET"
-            scope, name = match.group(1), match.group(2).strip('"').lower()
-            if scope is not None and scope.lower() == "local":
-                continue
-            if name in ("role", "session") or name not in TRACKED_PARAMETERS:
-                return f"SET {name}"
-        if word == "discard":
-            return "DISCARD"
-        if "set_config" in statement.lower():
-            return "set_config"
+    ``exclude_variable_sets`` is RDS Proxy's ``EXCLUDE_VARIABLE_SETS`` session pinning
+    filter: session SET/RESET of untracked parameters and ``set_config`` do not pin (the
+    application promises it does not depend on them surviving a transaction boundary).
+    SET ROLE and SET SESSION AUTHORIZATION always pin.
+    """
+    kind = effect.kind
+    if kind is EffectKind.PIN:
+        assert effect.pin is not None
+        if exclude_variable_sets and effect.pin is PinReason.SET_CONFIG:
+            return None
+        return effect.pin.value
+    if kind is EffectKind.SESSION_SET:
+        setting = effect.setting
+        assert setting is not None
+        if setting.name in TRACKED_PARAMETERS or exclude_variable_sets:
+            return None
+        if setting.name is None:
+            # RESET ALL also resets the parameters the proxy applied itself (startup
+            # options), so its bookkeeping would be wrong: pin until replay handles it.
+            return "RESET ALL"
+        return f"{'RESET' if setting.value is None else 'SET'} {setting.name}"
+    if kind is EffectKind.UNPIN and effect.unpin is StateKind.ALL:
+        # DISCARD ALL removes state (nothing to pin for that), but it is also RESET ALL.
+        return None if exclude_variable_sets else "DISCARD ALL"
     return None
+
+
+def _reason_in(
+    sql: str, standard_conforming_strings: bool, exclude_variable_sets: bool
+) -> str | None:
+    for statement in split_statements(sql, standard_conforming_strings=standard_conforming_strings):
+        if statement.incomplete:
+            return UNTERMINATED
+        reason = pin_reason(classify(statement), exclude_variable_sets=exclude_variable_sets)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _pin_reason_unfiltered(sql: str, exclude_variable_sets: bool = False) -> str | None:
+    """``pin_reason_for_query`` without the pre-filter and the cache (tests compare them)."""
+    reason = _reason_in(sql, True, exclude_variable_sets)
+    if reason is None and "\\" in sql:
+        # With standard_conforming_strings=off a backslash escapes a quote inside '...', so
+        # the same text splits differently. The proxy does not know the server's setting
+        # for sure (a client can change it), so a statement that either reading finds, pins.
+        reason = _reason_in(sql, False, exclude_variable_sets)
+    return reason
+
+
+_pin_reason_cached: Final = functools.lru_cache(maxsize=1024)(_pin_reason_unfiltered)
+
+
+def _may_pin(sql: str) -> bool:
+    if "&" in sql:
+        return True
+    lowered = sql.lower()
+    return any(word in lowered for word in _TRIGGERS)
+
+
+def pin_reason_for_query(sql: str, *, exclude_variable_sets: bool = False) -> str | None:
+    """Why a simple-protocol query (or the SQL of a Parse) pins its client, or None."""
+    if not _may_pin(sql):
+        return None
+    if len(sql) <= _CACHED_TEXT_MAX:
+        return _pin_reason_cached(sql, exclude_variable_sets)
+    return _pin_reason_unfiltered(sql, exclude_variable_sets)
 
 
 def pin_reason_for_parse(statement_name: str) -> str | None:

@@ -7,13 +7,17 @@ the thread, so nothing outlives the ``with`` block.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 import trio
 
 from trioproxy._server.proxy import Proxy, ProxyAddress
-from trioproxy.config import Config
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from trioproxy.config import Config
 
 __all__ = ["ProxyThread", "proxy_in_thread"]
 
@@ -64,10 +68,8 @@ class ProxyThread:
     def stop(self, timeout: float = 30) -> None:
         if self._token is not None and self._scope is not None:
             scope = self._scope
-            try:
+            with suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         self._thread.join(timeout)
         if self._error is not None and not isinstance(self._error, trio.Cancelled):
             raise RuntimeError("proxy stopped with an error") from self._error

@@ -1,0 +1,1410 @@
+"""trioproxy benchmarks: ``make bench`` (``python bench/run.py``). A benchmark, not a test.
+
+Every run measures trioproxy *and* its references on the same machine, in the same run, with
+the same client: direct PostgreSQL and PgBouncer (transaction mode, the same pool size).
+Numbers from different machines or runs cannot be compared; the ratios in one run can.
+
+What one invocation does:
+
+1. creates a throw-away PostgreSQL cluster in a temp dir (``max_connections = 100``,
+   scram-sha-256, ``fsync = off``), a role and a database ``bench``;
+2. for each client count, repetition and target, in that interleaved order (direct,
+   pgbouncer, trioproxy, direct, ...): starts the target cold (PgBouncer or
+   ``python -m trioproxy --config bench.toml`` as a subprocess, each with a pool of
+   ``--pool-size`` server connections), waits until PostgreSQL has no connection to the
+   benchmark database, then runs the scenario's load generator in a *separate process*
+   (``python bench/run.py --loadgen``, asyncio + asyncpg) while a superuser connection
+   samples ``pg_stat_activity`` every 100 ms; then stops the target by PID;
+3. prints a table and writes ``bench/results/<scenario>.md`` and ``.json`` (``--quick`` runs
+   go to ``bench/results/tmp/``, which git ignores);
+4. stops and removes everything in a ``finally``, also after Ctrl-C or SIGTERM.
+
+Scenarios (``--scenario``; one registry, ``SCENARIOS``):
+
+* ``storm``: N clients at once (default 1,000 and 3,000) for ``--duration`` seconds, each in
+  a loop: connect (SCRAM), ``select pg_sleep(0.05)``, disconnect. Direct PostgreSQL refuses
+  most of them (``sorry, too many clients already``); a pooler queues them.
+
+PgBouncer 1.18 comes from Debian's package; when it is missing and we are root it is
+installed with apt-get (the system service is never started). As root, PostgreSQL and
+PgBouncer run as the ``postgres`` system user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+    from types import FrameType
+
+    from trioproxy.demo import Cluster
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+DB = "bench"  # role and database
+PASSWORD_ENV = "BENCH_PASSWORD"  # noqa: S105 - the variable's name, not a password
+TARGETS = ("direct", "pgbouncer", "trioproxy")
+SAMPLE_INTERVAL = 0.1  # seconds between pg_stat_activity samples
+PG_SETTINGS = {  # appended after the demo cluster's own settings, so these win
+    "max_connections": "100",
+    "password_encryption": "'scram-sha-256'",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+WIDTH = 100
+
+
+class BenchError(Exception):
+    """Something the benchmark depends on failed; the message says what."""
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# ============================================================================================
+# Settings and the scenario registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one invocation measures; everything the results depend on."""
+
+    scenario: str
+    clients: tuple[int, ...]
+    duration: float
+    repeat: int
+    targets: tuple[str, ...]
+    pool_size: int
+    sleep: float  # seconds of pg_sleep per transaction
+    client_timeout: float  # one attempt (connect + query) gives up after this
+    retry_pause: float  # a client pauses this long after a failed attempt
+    wait_idle: float  # before each run, wait at most this long for other programs to calm down
+    quick: bool
+    output: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    workload: str  # key in WORKLOADS, run by the load-generator process
+    clients: tuple[int, ...]
+    duration: float
+    quick_clients: tuple[int, ...]
+    quick_duration: float
+
+
+SCENARIOS: dict[str, Scenario] = {
+    scenario.name: scenario
+    for scenario in (
+        Scenario(
+            name="storm",
+            summary="N clients at once, each looping: connect, select pg_sleep(0.05), disconnect",
+            workload="connect-query-disconnect",
+            clients=(1000, 3000),
+            duration=20.0,
+            quick_clients=(300,),
+            quick_duration=5.0,
+        ),
+    )
+}
+
+
+# ============================================================================================
+# The load generator: a separate process (`run.py --loadgen`, spec as JSON on stdin)
+
+
+@dataclasses.dataclass
+class LoadStats:
+    attempts: int = 0
+    successes: int = 0
+    successes_in_window: int = 0
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+    close_errors: Counter[str] = dataclasses.field(default_factory=Counter)
+    latencies: list[float] = dataclasses.field(default_factory=list)  # connect + query
+    connect_latencies: list[float] = dataclasses.field(default_factory=list)
+    ok_per_second: Counter[int] = dataclasses.field(default_factory=Counter)
+
+
+def error_key(exc: BaseException) -> str:
+    """Group errors by class and first line, with ports and process ids left in."""
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: attempt exceeded the client timeout"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass
+class Window:
+    """The measurement window, fixed at the moment every client is parked and released."""
+
+    start: float = 0.0
+    deadline: float = 0.0
+    go: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+async def connect_query_disconnect(spec: dict[str, Any], stats: LoadStats, window: Window) -> None:
+    """One storm client: loop connect, one simple query, disconnect until the deadline."""
+    import asyncpg
+
+    await window.go.wait()
+    start, deadline = window.start, window.deadline
+    sql = f"select pg_sleep({float(spec['sleep'])})"
+    while time.monotonic() < deadline:
+        stats.attempts += 1
+        began = time.monotonic()
+        conn: Any = None
+        try:
+            async with asyncio.timeout(spec["client_timeout"]):
+                conn = await asyncpg.connect(
+                    host=spec["host"],
+                    port=spec["port"],
+                    user=spec["user"],
+                    password=spec["password"],
+                    database=spec["database"],
+                    ssl=False,
+                    statement_cache_size=0,  # PgBouncer in transaction mode: no named statements
+                    timeout=spec["client_timeout"],
+                )
+                connected = time.monotonic()
+                await conn.execute(sql)  # no arguments: the simple query protocol
+        except Exception as exc:  # counted, not raised: the tally is the point
+            stats.errors[error_key(exc)] += 1
+            if conn is not None:
+                conn.terminate()
+            await asyncio.sleep(spec["retry_pause"])
+            continue
+        done = time.monotonic()
+        stats.successes += 1
+        if done <= deadline:
+            stats.successes_in_window += 1
+        stats.ok_per_second[int(done - start)] += 1
+        stats.latencies.append(done - began)
+        stats.connect_latencies.append(connected - began)
+        try:
+            await conn.close(timeout=5)
+        except Exception as exc:
+            stats.close_errors[error_key(exc)] += 1
+            conn.terminate()
+
+
+WORKLOADS: dict[str, Callable[[dict[str, Any], LoadStats, Window], Awaitable[None]]] = {
+    "connect-query-disconnect": connect_query_disconnect,
+}
+
+
+def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
+    """Nearest-rank p50/p95/p99 and max, in milliseconds (None when there is no value)."""
+    ordered = sorted(values)
+
+    def rank(p: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] * 1000, 1)
+
+    return {
+        "p50": rank(50),
+        "p95": rank(95),
+        "p99": rank(99),
+        "max": round(ordered[-1] * 1000, 1) if ordered else None,
+    }
+
+
+async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
+    stats = LoadStats()
+    workload = WORKLOADS[spec["workload"]]
+    window = Window()
+    tasks = [
+        asyncio.create_task(workload(spec, stats, window)) for _ in range(int(spec["clients"]))
+    ]
+    await asyncio.sleep(0)  # every client is parked on `go`: then they all start at once
+    start = window.start = time.monotonic()
+    window.deadline = start + float(spec["duration"])
+    window.go.set()
+    # Attempts started before the deadline finish on their own within client_timeout.
+    grace = float(spec["client_timeout"]) + 10
+    _done, pending = await asyncio.wait(tasks, timeout=float(spec["duration"]) + grace)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    wall = time.monotonic() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    per_second = [stats.ok_per_second.get(i, 0) for i in range(int(wall) + 1)]
+    return {
+        "clients": spec["clients"],
+        "attempts": stats.attempts,
+        "successes": stats.successes,
+        "successes_in_window": stats.successes_in_window,
+        "errors": dict(stats.errors.most_common()),
+        "close_errors": dict(stats.close_errors.most_common()),
+        "unfinished_clients": len(pending),
+        "latency_ms": percentiles_ms(stats.latencies),
+        "connect_ms": percentiles_ms(stats.connect_latencies),
+        "ok_per_second": per_second,
+        "wall_s": round(wall, 2),
+        "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+    }
+
+
+def loadgen_main() -> int:
+    raise_nofile_limit()
+    spec = json.loads(sys.stdin.read())
+    result = asyncio.run(loadgen_async(spec))
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+# ============================================================================================
+# Processes and measurements
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int, *, children: bool = False) -> float | None:
+    """User + system CPU seconds of ``pid`` (plus its reaped children's with ``children``)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
+    utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
+    ticks = utime + stime + (cutime + cstime if children else 0)
+    return ticks / clock_ticks()
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (steal counts as busy)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already inside user/nice
+    return total - idle, total
+
+
+def machine_cpu_parts() -> dict[str, int]:
+    """Jiffies since boot by kind: process time, interrupts (softirq: loopback TCP), steal."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]] + [0] * 8
+    return {"processes": v[0] + v[1] + v[2], "interrupts": v[5] + v[6], "steal": v[7]}
+
+
+ProcessTable = dict[int, tuple[int, int, int]]  # pid -> (parent pid, start time, CPU ticks)
+
+
+def process_table() -> ProcessTable:
+    """Every process's parent, start time and own user + system CPU ticks (not children's)."""
+    table: ProcessTable = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (
+            int(fields[1]),
+            int(fields[19]),
+            int(fields[11]) + int(fields[12]),
+        )
+    return table
+
+
+def foreign_cpu(before: ProcessTable, after: ProcessTable, ours: set[int]) -> float:
+    """CPU seconds used between two snapshots by processes that are neither ``ours`` nor
+    their descendants: other programs sharing the machine. A lower bound: processes that
+    exited between the snapshots are not counted."""
+
+    def is_ours(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid in ours:
+                return True
+            pid = after[pid][0] if pid in after else 0
+            seen += 1
+        return False
+
+    ticks = 0
+    for pid, (_parent, started, cpu) in after.items():
+        if is_ours(pid):
+            continue
+        previous = before.get(pid)
+        ticks += cpu - (previous[2] if previous and previous[1] == started else 0)
+    return ticks / clock_ticks()
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    from trioproxy.demo import indent, tail
+
+    deadline = time.monotonic() + timeout
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise BenchError(f"exited with status {code} at startup; log:\n{indent(tail(log))}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"not accepting within {timeout:g} s; log:\n{indent(tail(log))}")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM by PID, wait; SIGKILL if it does not exit in time. Returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"  pid {proc.pid} ignored SIGTERM for {timeout:g} s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?")
+
+
+def log_problems(path: Path, markers: Sequence[str]) -> dict[str, int]:
+    """Count the log lines containing one of ``markers``, grouped with numbers masked."""
+    counts: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        for marker in markers:
+            if marker in line:
+                message = line[line.index(marker) :].strip()
+                counts[_NUMBERS.sub("N", message)[:200]] += 1
+                break
+    return dict(counts.most_common(15))
+
+
+class Target(Protocol):
+    name: str
+    port: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> int | None: ...
+
+    def cpu_seconds(self) -> float | None: ...
+
+    def problems(self) -> dict[str, int]: ...
+
+
+class DirectTarget:
+    """PostgreSQL itself: nothing to start."""
+
+    name = "direct"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> int | None:
+        return None
+
+    def cpu_seconds(self) -> float | None:
+        return None
+
+    def problems(self) -> dict[str, int]:
+        return {}
+
+
+class ServiceTarget:
+    """A pooler run as a child process; started cold for every run, stopped by PID."""
+
+    markers: tuple[str, ...] = ()
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.port = port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+        self.logfile = workdir / f"{name}.log"
+
+    def start(self) -> None:
+        self.runs += 1
+        self.logfile = self.workdir / f"{self.name}-{self.runs}.log"
+        with self.logfile.open("wb") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - argv built here from absolute paths
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,  # Ctrl-C goes to the bench, which stops us by PID
+            )
+        try:
+            wait_for_port(self.port, self.proc, self.logfile, timeout=20)
+        except BenchError as exc:
+            self.stop()
+            raise BenchError(f"{self.name} {exc}") from None
+
+    def stop(self) -> int | None:
+        proc, self.proc = self.proc, None
+        return None if proc is None else stop_process(proc)
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else process_cpu(self.proc.pid)
+
+    def problems(self) -> dict[str, int]:
+        return log_problems(self.logfile, self.markers)
+
+
+class PgBouncerTarget(ServiceTarget):
+    markers = (" WARNING ", " ERROR ", " FATAL ", "FATAL:", "ERROR:")
+
+
+class TrioproxyTarget(ServiceTarget):
+    markers = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+
+
+# ============================================================================================
+# The environment: cluster, PgBouncer, trioproxy
+
+
+def find_pgbouncer(install: bool) -> str:
+    """The pgbouncer binary; installed from Debian's package when missing and allowed."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+    if found:
+        return found
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchError(
+            "pgbouncer not found; install it (Debian: apt-get install pgbouncer) or leave it "
+            "out with --targets direct,trioproxy"
+        )
+    say("  pgbouncer is missing: installing Debian's package (the service is not started)")
+    policy = Path("/usr/sbin/policy-rc.d")
+    added_policy = False
+    if not policy.exists():  # keep invoke-rc.d from starting the system service
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        added_policy = True
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for argv in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "pgbouncer"],
+        ):
+            proc = subprocess.run(  # noqa: S603 - fixed argv
+                argv, env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+            if proc.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{proc.stdout[-2000:]}{proc.stderr}")
+    finally:
+        if added_policy:
+            policy.unlink(missing_ok=True)
+    found = shutil.which("pgbouncer", path="/usr/sbin:/usr/bin")
+    if not found:
+        raise BenchError("pgbouncer still not found after apt-get install pgbouncer")
+    return found
+
+
+def as_service_user(argv: list[str]) -> list[str]:
+    """As root, exec ``argv`` as the postgres user (setpriv execs: the PID stays the child's)."""
+    if os.geteuid() != 0:
+        return argv
+    from trioproxy.demo import RUN_AS
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise BenchError("running as root, but setpriv (util-linux) is missing")
+    return [setpriv, f"--reuid={RUN_AS}", f"--regid={RUN_AS}", "--init-groups", "--", *argv]
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv
+            list(argv), capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError:
+        return "unknown"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else ""
+
+
+class Environment:
+    """The throw-away cluster and the targets; ``close()`` removes everything."""
+
+    def __init__(self, settings: Settings) -> None:
+        from trioproxy.demo import Cluster, chown_to_owner, find_bindir
+
+        self.settings = settings
+        self.bindir = find_bindir()
+        self.base = Path(tempfile.mkdtemp(prefix="trioproxy-bench-"))
+        chown_to_owner(self.base)
+        self.cluster: Cluster = Cluster(self.bindir, self.base)
+        self.password = secrets.token_urlsafe(18)
+        self.targets: dict[str, Target] = {}
+        self.pgbouncer: str | None = None
+        self.loadgen: subprocess.Popen[bytes] | None = None
+        self.nofile = raise_nofile_limit()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from trioproxy.demo import RUN_AS
+
+        if "pgbouncer" in self.settings.targets:
+            self.pgbouncer = find_pgbouncer(install=True)
+        cluster = self.cluster
+        cluster.create()
+        with (cluster.datadir / "postgresql.conf").open("a") as conf:
+            conf.write("\n# --- trioproxy bench ---\n")
+            conf.writelines(f"{name} = {value}\n" for name, value in PG_SETTINGS.items())
+        cluster.start()
+        with cluster.connect() as admin:
+            from psycopg import sql
+
+            admin.execute(
+                sql.SQL("create role {} login password {}").format(
+                    sql.Identifier(DB), sql.Literal(self.password)
+                )
+            )
+            admin.execute(
+                sql.SQL("create database {} owner {}").format(
+                    sql.Identifier(DB), sql.Identifier(DB)
+                )
+            )
+            row = admin.execute(
+                "select rolpassword from pg_authid where rolname = %s", [DB]
+            ).fetchone()
+            verifier = str(row[0]) if row else ""
+        if not verifier.startswith("SCRAM-SHA-256$"):
+            raise BenchError(f"unexpected password verifier for role {DB}: {verifier[:14]}...")
+
+        self.targets["direct"] = DirectTarget(cluster.port)
+        if "pgbouncer" in self.settings.targets:
+            assert self.pgbouncer is not None
+            workdir = self.base / "pgbouncer"
+            workdir.mkdir()
+            port = free_port_checked()
+            ini = workdir / "pgbouncer.ini"
+            ini.write_text(self.pgbouncer_ini(port))
+            # The SCRAM verifier, not the password: PgBouncer then checks clients without
+            # running PBKDF2 per login (as trioproxy, which derives it once at start), and
+            # logs in to PostgreSQL with the client's SCRAM keys (pass-through).
+            (workdir / "userlist.txt").write_text(f'"{DB}" "{verifier}"\n')
+            (workdir / "userlist.txt").chmod(0o600)
+            if os.geteuid() == 0:
+                for path in (workdir, ini, workdir / "userlist.txt"):
+                    shutil.chown(path, user=RUN_AS, group=RUN_AS)
+            command = f"ulimit -n {self.nofile} && exec {shlex.quote(self.pgbouncer)} {ini}"
+            argv = as_service_user(["/bin/sh", "-c", command])
+            self.targets["pgbouncer"] = PgBouncerTarget(
+                "pgbouncer", argv, clean_env(), port, workdir
+            )
+        if "trioproxy" in self.settings.targets:
+            workdir = self.base / "trioproxy"
+            workdir.mkdir()
+            port = free_port_checked()
+            config = workdir / "bench.toml"
+            config.write_text(self.trioproxy_toml(port))
+            argv = [sys.executable, "-m", "trioproxy", "--config", str(config)]
+            env = clean_env(**{PASSWORD_ENV: self.password})
+            self.targets["trioproxy"] = TrioproxyTarget("trioproxy", argv, env, port, workdir)
+
+    def pgbouncer_ini(self, port: int) -> str:
+        pool = self.settings.pool_size
+        return f"""\
+;; Written by bench/run.py: transaction pooling, {pool} server connections, like trioproxy.
+[databases]
+{DB} = host=127.0.0.1 port={self.cluster.port} dbname={DB}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = userlist.txt
+pool_mode = transaction
+default_pool_size = {pool}
+max_db_connections = {pool}
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 10000
+listen_backlog = 4096
+query_wait_timeout = 120
+server_login_retry = 1
+ignore_startup_parameters = extra_float_digits
+"""
+
+    def trioproxy_toml(self, port: int) -> str:
+        return f"""\
+# Written by bench/run.py: transaction pooling, {self.settings.pool_size} server connections.
+[proxy]
+listen = "127.0.0.1:{port}"
+max_client_connections = 10000
+
+[backend]
+host = "127.0.0.1"
+port = {self.cluster.port}
+
+[pool]
+pool_mode = "transaction"
+max_connections = {self.settings.pool_size}
+connection_borrow_timeout = 120     # like PgBouncer's query_wait_timeout
+
+[users.{DB}]
+password_env = "{PASSWORD_ENV}"
+"""
+
+    # -- measurement helpers -----------------------------------------------------------------
+
+    def bench_connections(self) -> int:
+        with self.cluster.connect() as conn:
+            row = conn.execute(
+                "select count(*) from pg_stat_activity where datname = %s", [DB]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def wait_quiet(self, timeout: float = 30) -> None:
+        """Wait until no connection to the benchmark database is left (terminate stragglers)."""
+        deadline = time.monotonic() + timeout
+        while self.bench_connections() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.bench_connections():
+            with self.cluster.connect() as conn:
+                conn.execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity where datname = %s",
+                    [DB],
+                )
+            time.sleep(1)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def postgres_cpu(self) -> float | None:
+        """CPU seconds of the postmaster and its exited (reaped) backends."""
+        pid = self.postmaster_pid()
+        return None if pid is None else process_cpu(pid, children=True)
+
+    def our_processes(self) -> set[int]:
+        """This process (parent of the load generator and the poolers) and the postmaster."""
+        return {os.getpid()} | ({pid} if (pid := self.postmaster_pid()) else set())
+
+    def wait_idle(self) -> tuple[float, float]:
+        """Wait (at most ``--wait-idle`` s) until other programs use under 0.15 CPU.
+
+        This machine may be shared; a run measured while something else is busy is noisy.
+        Returns (seconds waited, foreign CPUs in use over the last second).
+        """
+        began = time.monotonic()
+        while True:
+            before = process_table()
+            time.sleep(1.0)
+            rate = foreign_cpu(before, process_table(), self.our_processes())
+            waited = time.monotonic() - began
+            if rate < 0.15 or waited >= self.settings.wait_idle:
+                if rate >= 0.15:
+                    say(f"        (other programs still use {rate:.2f} CPUs; measuring anyway)")
+                return waited, rate
+
+    def run_loadgen(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        log = self.base / "loadgen.log"
+        with log.open("ab") as err:
+            self.loadgen = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+                [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=clean_env(),
+                start_new_session=True,
+            )
+        try:
+            out, _ = self.loadgen.communicate(json.dumps(spec).encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"the load generator did not finish within {timeout:g} s") from None
+        finally:
+            proc, self.loadgen = self.loadgen, None
+            stop_process(proc, timeout=5)
+        if proc.returncode != 0:
+            from trioproxy.demo import indent, tail
+
+            raise BenchError(
+                f"the load generator failed (exit {proc.returncode}):\n{indent(tail(log))}"
+            )
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    # -- tear-down ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        from trioproxy.demo import uninterruptible
+
+        with uninterruptible():
+            if self.loadgen is not None:
+                stop_process(self.loadgen, timeout=5)
+                self.loadgen = None
+            for target in self.targets.values():
+                with contextlib.suppress(Exception):
+                    target.stop()
+            try:
+                self.cluster.stop()
+            except Exception as exc:
+                say(f"  PostgreSQL could not be stopped cleanly: {exc}")
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    from trioproxy.demo import clean_env as demo_clean_env
+
+    return demo_clean_env(**extra)
+
+
+def free_port_checked() -> int:
+    from trioproxy.demo import free_port
+
+    return free_port()
+
+
+class Sampler:
+    """Samples the server connections to the benchmark database every 100 ms, as superuser."""
+
+    QUERY = (
+        "select count(*), count(*) filter (where state = 'active') from pg_stat_activity "
+        "where datname = %s and backend_type = 'client backend' and pid <> pg_backend_pid()"
+    )
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.totals: list[int] = []
+        self.active: list[int] = []
+        self.error: str | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="sampler", daemon=True)
+
+    def run(self) -> None:
+        try:
+            with self.cluster.connect() as conn:
+                while not self.stopping.is_set():
+                    began = time.monotonic()
+                    row = conn.execute(self.QUERY, [DB]).fetchone()
+                    if row:
+                        self.totals.append(int(row[0]))
+                        self.active.append(int(row[1]))
+                    self.stopping.wait(max(0.0, SAMPLE_INTERVAL - (time.monotonic() - began)))
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+
+# ============================================================================================
+# Running a scenario
+
+
+def run_once(env: Environment, target: Target, clients: int, repetition: int) -> dict[str, Any]:
+    settings = env.settings
+    scenario = SCENARIOS[settings.scenario]
+    env.wait_quiet()
+    waited, foreign_rate = env.wait_idle()
+    load_before = os.getloadavg()[0]
+    target.start()
+    try:
+        pg_cpu_before = env.postgres_cpu()
+        proxy_cpu_before = target.cpu_seconds()
+        busy_before, total_before = machine_cpu()
+        parts_before = machine_cpu_parts()
+        table_before = process_table()
+        spec = {
+            "workload": scenario.workload,
+            "host": "127.0.0.1",
+            "port": target.port,
+            "user": DB,
+            "password": env.password,
+            "database": DB,
+            "clients": clients,
+            "duration": settings.duration,
+            "sleep": settings.sleep,
+            "client_timeout": settings.client_timeout,
+            "retry_pause": settings.retry_pause,
+        }
+        with Sampler(env.cluster) as sampler:
+            result = env.run_loadgen(spec, timeout=settings.duration + settings.client_timeout + 90)
+        busy_after, total_after = machine_cpu()
+        parts_after = machine_cpu_parts()
+        foreign = foreign_cpu(table_before, process_table(), env.our_processes())
+        proxy_cpu_after = target.cpu_seconds()
+    finally:
+        exit_code = target.stop()
+    env.wait_quiet()
+    pg_cpu_after = env.postgres_cpu()
+
+    def delta(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None else round(after - before, 2)
+
+    result.update(
+        target=target.name,
+        repetition=repetition,
+        tps=round(result["successes_in_window"] / settings.duration, 1),
+        error_rate=round(sum(result["errors"].values()) / result["attempts"], 4)
+        if result["attempts"]
+        else None,
+        peak_server_connections=max(sampler.totals, default=None),
+        peak_active_server_connections=max(sampler.active, default=None),
+        mean_server_connections=round(sum(sampler.totals) / len(sampler.totals), 1)
+        if sampler.totals
+        else None,
+        samples=len(sampler.totals),
+        sampler_error=sampler.error,
+        server_connections_series=sampler.totals,
+        proxy_cpu_s=delta(proxy_cpu_before, proxy_cpu_after),
+        postgres_cpu_s=delta(pg_cpu_before, pg_cpu_after),
+        machine_cpu_busy=round((busy_after - busy_before) / (total_after - total_before), 3)
+        if total_after > total_before
+        else None,
+        machine_cpu_s=round((busy_after - busy_before) / clock_ticks(), 2),
+        load_average_before=round(load_before, 2),
+        waited_for_idle_s=round(waited, 1),
+        foreign_cpu_rate_at_start=round(foreign_rate, 2),
+        foreign_cpu_s=round(foreign, 2),
+        machine_cpu_parts_s={
+            kind: round((parts_after[kind] - parts_before[kind]) / clock_ticks(), 2)
+            for kind in parts_after
+        },
+        proxy_exit_code=exit_code,
+        proxy_log_problems=target.problems(),
+    )
+    # CPU the bench cannot attribute to the load generator, the pooler or PostgreSQL: kernel
+    # work outside process context, the sampler, and anything else running on the machine.
+    known = [result["loadgen_cpu_s"], result["proxy_cpu_s"], result["postgres_cpu_s"]]
+    result["other_cpu_s"] = round(result["machine_cpu_s"] - sum(v or 0 for v in known), 2)
+    if result["proxy_cpu_s"] is not None and result["successes"]:
+        result["proxy_cpu_us_per_success"] = round(
+            result["proxy_cpu_s"] / result["successes"] * 1e6, 1
+        )
+    return result
+
+
+def run_scenario(env: Environment) -> list[dict[str, Any]]:
+    settings = env.settings
+    runs: list[dict[str, Any]] = []
+    total = len(settings.clients) * settings.repeat * len(settings.targets)
+    for clients in settings.clients:
+        for repetition in range(1, settings.repeat + 1):
+            for name in settings.targets:
+                say(
+                    f"  [{len(runs) + 1}/{total}] {name:<9} {clients:>5} clients, "
+                    f"{settings.duration:g} s, repetition {repetition} ..."
+                )
+                result = run_once(env, env.targets[name], clients, repetition)
+                runs.append(result)
+                say("        " + one_line(result))
+    return runs
+
+
+def one_line(run: dict[str, Any]) -> str:
+    errors = sum(run["errors"].values())
+    lat = run["latency_ms"]
+    return (
+        f"attempts {run['attempts']}, ok {run['successes']}, errors {errors}, "
+        f"{run['tps']} tx/s, p50 {fmt(lat['p50'])} / p99 {fmt(lat['p99'])} ms, "
+        f"peak server conns {run['peak_server_connections']}"
+    )
+
+
+# ============================================================================================
+# Report
+
+
+def fmt(value: object, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def machine_info(settings: Settings, bindir: Path, pgbouncer: str | None) -> dict[str, Any]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str] = {}
+    for package in ("trioproxy", "trio", "asyncpg", "psycopg"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(  # noqa: S603 - fixed argv
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": tool_version([str(bindir / "postgres"), "--version"]),
+        "pgbouncer": tool_version([pgbouncer, "--version"]) if pgbouncer else "not used",
+        "packages": versions,
+        "git": commit,
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    }
+
+
+def command_line(argv: Sequence[str]) -> str:
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(str(REPO)) else "python"
+    script = os.path.relpath(Path(__file__).resolve())
+    command = shlex.join([python, script, *argv])
+    if os.environ.get("MAKELEVEL") and not argv:
+        command = f"make bench  ({command})"
+    return command
+
+
+def summarize(runs: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    """Per client count and repetition: trioproxy against PgBouncer and against direct."""
+    by_key = {(r["clients"], r["repetition"], r["target"]): r for r in runs}
+    rows: list[dict[str, Any]] = []
+    for clients in settings.clients:
+        for repetition in range(1, settings.repeat + 1):
+            tp = by_key.get((clients, repetition, "trioproxy"))
+            if tp is None:
+                continue
+            for other in ("pgbouncer", "direct"):
+                ref = by_key.get((clients, repetition, other))
+                if ref is None:
+                    continue
+                rows.append(
+                    {
+                        "clients": clients,
+                        "repetition": repetition,
+                        "versus": other,
+                        "tps": ratio(tp["tps"], ref["tps"]),
+                        "successes": ratio(tp["successes"], ref["successes"]),
+                        "p50": ratio(tp["latency_ms"]["p50"], ref["latency_ms"]["p50"]),
+                        "p99": ratio(tp["latency_ms"]["p99"], ref["latency_ms"]["p99"]),
+                        "error_rate": (
+                            f"{fmt_pct(tp['error_rate'])} vs {fmt_pct(ref['error_rate'])}"
+                        ),
+                        "proxy_cpu": ratio(
+                            tp.get("proxy_cpu_us_per_success"), ref.get("proxy_cpu_us_per_success")
+                        ),
+                    }
+                )
+    return rows
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+RUN_HEADERS = (
+    "target",
+    "rep",
+    "attempts",
+    "ok",
+    "errors",
+    "error %",
+    "ok tx/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "peak server conns",
+    "proxy CPU µs/ok",
+    "machine CPU",
+)
+
+
+def run_row(run: dict[str, Any]) -> list[str]:
+    lat = run["latency_ms"]
+    return [
+        run["target"],
+        str(run["repetition"]),
+        fmt(run["attempts"]),
+        fmt(run["successes"]),
+        fmt(sum(run["errors"].values())),
+        fmt_pct(run["error_rate"]),
+        fmt(run["tps"]),
+        fmt(lat["p50"]),
+        fmt(lat["p95"]),
+        fmt(lat["p99"]),
+        fmt(run["peak_server_connections"]),
+        fmt(run.get("proxy_cpu_us_per_success")),
+        fmt_pct(run["machine_cpu_busy"]),
+    ]
+
+
+CPU_HEADERS = (
+    "target",
+    "rep",
+    "load generator",
+    "pooler",
+    "PostgreSQL",
+    "other programs",
+    "softirq + irq",
+    "steal",
+    "machine busy",
+)
+
+
+def cpu_row(run: dict[str, Any]) -> list[str]:
+    parts = run.get("machine_cpu_parts_s") or {}
+    return [
+        run["target"],
+        str(run["repetition"]),
+        fmt(run["loadgen_cpu_s"], 1),
+        fmt(run["proxy_cpu_s"], 1),
+        fmt(run["postgres_cpu_s"], 1),
+        fmt(run.get("foreign_cpu_s"), 1),
+        fmt(parts.get("interrupts"), 1),
+        fmt(parts.get("steal"), 1),
+        fmt(run["machine_cpu_s"], 1),
+    ]
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+RATIO_HEADERS = (
+    "clients",
+    "rep",
+    "trioproxy vs",
+    "ok tx/s",
+    "p50",
+    "p99",
+    "error rate",
+    "proxy CPU/ok",
+)
+
+
+def ratio_row(row: dict[str, Any]) -> list[str]:
+    return [
+        fmt(row["clients"]),
+        str(row["repetition"]),
+        row["versus"],
+        row["tps"],
+        row["p50"],
+        row["p99"],
+        row["error_rate"],
+        row["proxy_cpu"],
+    ]
+
+
+def render_text(report: dict[str, Any]) -> str:
+    settings = report["settings"]
+    out: list[str] = []
+    for clients in settings["clients"]:
+        runs = [r for r in report["runs"] if r["clients"] == clients]
+        out.append(f"{report['scenario']}: {clients} clients, {settings['duration']:g} s")
+        out.append(text_table(RUN_HEADERS, [run_row(r) for r in runs]))
+        out.append("")
+    out.append("ratios (trioproxy / reference; tx/s higher is better, latency lower is better)")
+    out.append(text_table(RATIO_HEADERS, [ratio_row(r) for r in report["ratios"]]))
+    return "\n".join(out)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    settings = report["settings"]
+    machine = report["machine"]
+    scenario = SCENARIOS[report["scenario"]]
+    out = [
+        f"# Benchmark: {report['scenario']}",
+        "",
+        f"{scenario.summary}. Written by `bench/run.py`; the raw data, including the server",
+        f"connection samples, is in `{report['scenario']}.json` next to this file.",
+        "",
+        f"* Date: {machine['date']}",
+        f"* Command: `{report['command']}`",
+        f"* Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}; PostgreSQL, the poolers "
+        "and the load generator share these CPUs",
+        f"* Versions: Python {machine['python']}, {machine['postgresql']}, "
+        f"{machine['pgbouncer'].splitlines()[0]}, trioproxy {machine['packages']['trioproxy']} "
+        f"(git {machine['git'] or '?'}), trio {machine['packages']['trio']}, "
+        f"asyncpg {machine['packages']['asyncpg']}",
+        f"* Setup: PostgreSQL `max_connections = 100`, scram-sha-256, `fsync = off`; "
+        f"PgBouncer and trioproxy in transaction mode with {settings['pool_size']} server "
+        "connections each, no TLS, SCRAM for clients; each pooler started cold for each run",
+        f"* Clients: one asyncpg load-generator process (asyncio), all clients released at "
+        f"once; a loop is connect, `select pg_sleep({settings['sleep']:g})`, disconnect; "
+        f"an attempt gives up after {settings['client_timeout']:g} s; after a failed attempt "
+        f"a client pauses {settings['retry_pause']:g} s",
+        "* Latency: connect + query of successful attempts. Peak server connections: "
+        "`pg_stat_activity` sampled every 100 ms. Proxy CPU: the pooler process's CPU time "
+        "per successful loop (login + query + logout)",
+        "",
+    ]
+    for clients in settings["clients"]:
+        runs = [r for r in report["runs"] if r["clients"] == clients]
+        out += [f"## {clients:,} clients, {settings['duration']:g} s", ""]
+        out += [md_table(RUN_HEADERS, [run_row(r) for r in runs]), ""]
+        out += [
+            "CPU seconds during each run. PostgreSQL: the postmaster and its exited backends. "
+            "Other programs: processes on the machine that are not the benchmark's (a lower "
+            "bound; it should be near 0, else the machine was shared). Softirq: mostly "
+            "loopback TCP. Steal: taken by the hypervisor.",
+            "",
+            md_table(CPU_HEADERS, [cpu_row(r) for r in runs]),
+            "",
+        ]
+        for run in runs:
+            errors = run["errors"]
+            problems = run.get("proxy_log_problems") or {}
+            if not errors and not problems and not run.get("close_errors"):
+                continue
+            out.append(f"{run['target']} (repetition {run['repetition']}):")
+            out.append("")
+            for message, count in errors.items():
+                out.append(f"* {count:,} x `{message}`")
+            for message, count in run.get("close_errors", {}).items():
+                out.append(f"* {count:,} x on close: `{message}`")
+            for message, count in problems.items():
+                out.append(f"* {count:,} x in its log: `{message}`")
+            out.append("")
+    out += [
+        "## Ratios",
+        "",
+        "trioproxy divided by the reference, per repetition (tx/s: higher is better; "
+        "latency and CPU: lower is better).",
+        "",
+        md_table(RATIO_HEADERS, [ratio_row(r) for r in report["ratios"]]),
+        "",
+    ]
+    return "\n".join(out)
+
+
+# ============================================================================================
+# Command line
+
+
+def parse_clients(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("client counts must be >= 1")
+    return values
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [v for v in values if v not in TARGETS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"targets are a subset of {','.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in values)  # always in the interleaving order
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Benchmark trioproxy against direct PostgreSQL and PgBouncer, in one run.",
+    )
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="storm")
+    p.add_argument("--clients", type=parse_clients, help="client counts, e.g. 1000,3000")
+    p.add_argument("--duration", type=float, help="seconds of load per run")
+    p.add_argument("--repeat", type=int, default=1, help="repetitions (interleaved; default 1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few clients, a few seconds; results go to bench/results/tmp/",
+    )
+    p.add_argument(
+        "--targets",
+        type=parse_targets,
+        default=TARGETS,
+        help="subset of direct,pgbouncer,trioproxy",
+    )
+    p.add_argument("--pool-size", type=int, default=90, help="server connections per pooler")
+    p.add_argument("--sleep", type=float, default=0.05, help="pg_sleep seconds per query")
+    p.add_argument("--client-timeout", type=float, default=30.0, help="seconds per attempt")
+    p.add_argument(
+        "--retry-pause", type=float, default=0.05, help="seconds a client waits after an error"
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=20.0,
+        help="before each run, wait up to this many seconds for other programs on the machine "
+        "to use under 0.15 CPU (default 20)",
+    )
+    p.add_argument("--output", type=Path, help="directory for <scenario>.md/.json")
+    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    scenario = SCENARIOS[args.scenario]
+    clients = args.clients or (scenario.quick_clients if args.quick else scenario.clients)
+    duration = args.duration or (scenario.quick_duration if args.quick else scenario.duration)
+    output = args.output or (RESULTS / "tmp" if args.quick else RESULTS)
+    return Settings(
+        scenario=scenario.name,
+        clients=clients,
+        duration=duration,
+        repeat=max(1, args.repeat),
+        targets=args.targets,
+        pool_size=args.pool_size,
+        sleep=args.sleep,
+        client_timeout=args.client_timeout,
+        retry_pause=args.retry_pause,
+        wait_idle=args.wait_idle,
+        quick=args.quick,
+        output=output,
+    )
+
+
+def _sigterm(_signum: int, _frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt  # the same cleanup as Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.loadgen:
+        return loadgen_main()
+    from trioproxy.demo import DemoError
+
+    settings = settings_from(args)
+    signal.signal(signal.SIGTERM, _sigterm)
+    began = time.monotonic()
+    say(
+        f"trioproxy bench: scenario {settings.scenario}, clients {settings.clients}, "
+        f"{settings.duration:g} s each, targets {','.join(settings.targets)}, "
+        f"repeat {settings.repeat}"
+    )
+    env: Environment | None = None
+    try:
+        env = Environment(settings)
+        env.setup()
+        say(
+            f"  PostgreSQL on port {env.cluster.port}; "
+            + ", ".join(
+                f"{name} on {target.port}"
+                for name, target in env.targets.items()
+                if name != "direct"
+            )
+        )
+        runs = run_scenario(env)
+        report: dict[str, Any] = {
+            "scenario": settings.scenario,
+            "command": command_line(argv),
+            "machine": machine_info(settings, env.bindir, env.pgbouncer),
+            "settings": {
+                **{k: v for k, v in dataclasses.asdict(settings).items() if k != "output"},
+                "postgresql": PG_SETTINGS,
+                "pgbouncer_ini": env.pgbouncer_ini(0) if env.pgbouncer else None,
+                "trioproxy_toml": env.trioproxy_toml(0),
+            },
+            "runs": runs,
+            "ratios": summarize(runs, settings),
+        }
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping everything")
+        return 130
+    except (BenchError, DemoError) as exc:
+        say(f"\nbench failed: {exc}")
+        return 1
+    finally:
+        if env is not None:
+            env.close()
+            say(f"  cleaned up ({'removed' if not env.base.exists() else 'left'} {env.base})")
+    say()
+    say(render_text(report))
+    settings.output.mkdir(parents=True, exist_ok=True)
+    md = settings.output / f"{settings.scenario}.md"
+    md.write_text(render_markdown(report))
+    data = settings.output / f"{settings.scenario}.json"
+    data.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    say()
+    say(
+        f"wrote {os.path.relpath(md)} and {os.path.relpath(data)} "
+        f"in {time.monotonic() - began:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
