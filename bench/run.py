@@ -106,6 +106,7 @@ class Settings:
     sleep: float  # seconds of pg_sleep per transaction
     client_timeout: float  # one attempt (connect + query) gives up after this
     retry_pause: float  # a client pauses this long after a failed attempt
+    loadgen_processes: int
     wait_idle: float  # before each run, wait at most this long for other programs to calm down
     quick: bool
     output: Path
@@ -239,13 +240,16 @@ def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
 
 
 async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec["clients"]`` clients of one workload; release them all at ``start_at``."""
     stats = LoadStats()
     workload = WORKLOADS[spec["workload"]]
     window = Window()
     tasks = [
         asyncio.create_task(workload(spec, stats, window)) for _ in range(int(spec["clients"]))
     ]
-    await asyncio.sleep(0)  # every client is parked on `go`: then they all start at once
+    # Every client parks on `go`; the load-generator processes all release theirs at the same
+    # wall-clock moment, chosen by the bench with time to spare for the interpreter start.
+    await asyncio.sleep(max(0.0, float(spec["start_at"]) - time.time()))
     start = window.start = time.monotonic()
     window.deadline = start + float(spec["duration"])
     window.go.set()
@@ -257,20 +261,51 @@ async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*pending, return_exceptions=True)
     wall = time.monotonic() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    per_second = [stats.ok_per_second.get(i, 0) for i in range(int(wall) + 1)]
     return {
         "clients": spec["clients"],
         "attempts": stats.attempts,
         "successes": stats.successes,
         "successes_in_window": stats.successes_in_window,
-        "errors": dict(stats.errors.most_common()),
-        "close_errors": dict(stats.close_errors.most_common()),
+        "errors": dict(stats.errors),
+        "close_errors": dict(stats.close_errors),
         "unfinished_clients": len(pending),
-        "latency_ms": percentiles_ms(stats.latencies),
-        "connect_ms": percentiles_ms(stats.connect_latencies),
-        "ok_per_second": per_second,
+        "latencies_ms": [round(v * 1000, 2) for v in stats.latencies],
+        "connect_latencies_ms": [round(v * 1000, 2) for v in stats.connect_latencies],
+        "ok_per_second": [stats.ok_per_second.get(i, 0) for i in range(int(wall) + 1)],
         "wall_s": round(wall, 2),
         "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+    }
+
+
+def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the results of the load-generator processes into one."""
+    errors: Counter[str] = Counter()
+    close_errors: Counter[str] = Counter()
+    latencies: list[float] = []
+    connect: list[float] = []
+    per_second: list[int] = []
+    for part in parts:
+        errors.update(part["errors"])
+        close_errors.update(part["close_errors"])
+        latencies += part["latencies_ms"]
+        connect += part["connect_latencies_ms"]
+        for i, n in enumerate(part["ok_per_second"]):
+            per_second += [0] * (i + 1 - len(per_second))
+            per_second[i] += n
+    return {
+        "clients": sum(p["clients"] for p in parts),
+        "loadgen_processes": len(parts),
+        "attempts": sum(p["attempts"] for p in parts),
+        "successes": sum(p["successes"] for p in parts),
+        "successes_in_window": sum(p["successes_in_window"] for p in parts),
+        "errors": dict(errors.most_common()),
+        "close_errors": dict(close_errors.most_common()),
+        "unfinished_clients": sum(p["unfinished_clients"] for p in parts),
+        "latency_ms": percentiles_ms([v / 1000 for v in latencies]),
+        "connect_ms": percentiles_ms([v / 1000 for v in connect]),
+        "ok_per_second": per_second,
+        "wall_s": max(p["wall_s"] for p in parts),
+        "loadgen_cpu_s": round(sum(p["loadgen_cpu_s"] for p in parts), 2),
     }
 
 
@@ -587,7 +622,7 @@ class Environment:
         self.password = secrets.token_urlsafe(18)
         self.targets: dict[str, Target] = {}
         self.pgbouncer: str | None = None
-        self.loadgen: subprocess.Popen[bytes] | None = None
+        self.loadgens: list[subprocess.Popen[bytes]] = []
         self.nofile = raise_nofile_limit()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -754,31 +789,51 @@ password_env = "{PASSWORD_ENV}"
                 return waited, rate
 
     def run_loadgen(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run the clients in ``--loadgen-processes`` processes; return the merged result."""
+        n = max(1, min(self.settings.loadgen_processes, int(spec["clients"])))
+        shares = [spec["clients"] // n + (1 if i < spec["clients"] % n else 0) for i in range(n)]
+        spec = {**spec, "start_at": time.time() + 2.0}
         log = self.base / "loadgen.log"
-        with log.open("ab") as err:
-            self.loadgen = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-                [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=clean_env(),
-                start_new_session=True,
-            )
+        for share in shares:
+            with log.open("ab") as err:
+                proc = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+                    [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env=clean_env(),
+                    start_new_session=True,
+                )
+            self.loadgens.append(proc)
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**spec, "clients": share}).encode())
+            proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        parts: list[dict[str, Any]] = []
         try:
-            out, _ = self.loadgen.communicate(json.dumps(spec).encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"the load generator did not finish within {timeout:g} s") from None
-        finally:
-            proc, self.loadgen = self.loadgen, None
-            stop_process(proc, timeout=5)
-        if proc.returncode != 0:
-            from trioproxy.demo import indent, tail
+            for proc in self.loadgens:
+                assert proc.stdout is not None
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise BenchError(
+                        f"the load generator did not finish within {timeout:g} s"
+                    ) from None
+                out = proc.stdout.read()
+                if proc.returncode != 0 or not out.strip():
+                    from trioproxy.demo import indent, tail
 
-            raise BenchError(
-                f"the load generator failed (exit {proc.returncode}):\n{indent(tail(log))}"
-            )
-        result: dict[str, Any] = json.loads(out)
-        return result
+                    raise BenchError(
+                        f"the load generator failed (exit {proc.returncode}):\n{indent(tail(log))}"
+                    )
+                parts.append(json.loads(out))
+        finally:
+            procs, self.loadgens = self.loadgens, []
+            for proc in procs:
+                stop_process(proc, timeout=5)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        return merge_loadgen(parts)
 
     # -- tear-down ---------------------------------------------------------------------------
 
@@ -786,9 +841,9 @@ password_env = "{PASSWORD_ENV}"
         from trioproxy.demo import uninterruptible
 
         with uninterruptible():
-            if self.loadgen is not None:
-                stop_process(self.loadgen, timeout=5)
-                self.loadgen = None
+            for proc in self.loadgens:
+                stop_process(proc, timeout=5)
+            self.loadgens = []
             for target in self.targets.values():
                 with contextlib.suppress(Exception):
                     target.stop()
@@ -1304,6 +1359,12 @@ def parser() -> argparse.ArgumentParser:
         "--retry-pause", type=float, default=0.05, help="seconds a client waits after an error"
     )
     p.add_argument(
+        "--loadgen-processes",
+        type=int,
+        default=1,
+        help="load-generator processes sharing the clients (default 1)",
+    )
+    p.add_argument(
         "--wait-idle",
         type=float,
         default=20.0,
@@ -1331,6 +1392,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         client_timeout=args.client_timeout,
         retry_pause=args.retry_pause,
         wait_idle=args.wait_idle,
+        loadgen_processes=max(1, args.loadgen_processes),
         quick=args.quick,
         output=output,
     )

@@ -155,11 +155,46 @@ def _default_backend_password(self: UserConfig) -> str | None:
     return self.password
 
 
+class IamAuth(enum.Enum):
+    """``iam_auth`` of a user, as RDS Proxy names it."""
+
+    DISABLED = "DISABLED"
+    REQUIRED = "REQUIRED"  # only an IAM-style auth token
+    ENABLED = "ENABLED"  # a token or the password
+
+
+@attrs.frozen(kw_only=True)
+class IamKeyConfig:
+    """``[iam.keys.<access key id>]``: one signing key of the proxy's key registry."""
+
+    access_key_id: str
+    secret_access_key: str = attrs.field(repr=False)
+    allowed_users: frozenset[str] = frozenset({"*"})
+
+
+def _frozen_keys_converter(keys: Mapping[str, IamKeyConfig]) -> Mapping[str, IamKeyConfig]:
+    return _frozen_keys(keys)
+
+
+@attrs.frozen(kw_only=True)
+class IamConfig:
+    """``[iam]``: how auth tokens are checked."""
+
+    #: The ``host:port`` names clients sign tokens for (the proxy's endpoint names).
+    endpoints: frozenset[str] = frozenset()
+    regions: frozenset[str] = frozenset({"us-east-1"})
+    max_clock_skew: float = 300.0
+    keys: Mapping[str, IamKeyConfig] = attrs.field(
+        factory=lambda: _frozen_keys({}), converter=_frozen_keys_converter
+    )
+
+
 @attrs.frozen(kw_only=True)
 class UserConfig:
     """``[users.<name>]``. ``backend_password`` defaults to ``password``."""
 
     name: str
+    iam_auth: IamAuth = IamAuth.DISABLED
     password: str | None = attrs.field(default=None, repr=False)
     scram_verifier: str | None = attrs.field(default=None, repr=False)
     backend_user: str = attrs.field(default=attrs.Factory(lambda self: self.name, takes_self=True))
@@ -192,6 +227,10 @@ class _FrozenMap(Mapping[_K, _V]):
         return f"{{{', '.join(f'{k!r}: {v!r}' for k, v in self._data.items())}}}"
 
 
+def _frozen_keys(keys: Mapping[str, IamKeyConfig]) -> Mapping[str, IamKeyConfig]:
+    return keys if isinstance(keys, _FrozenMap) else _FrozenMap(keys)
+
+
 def _freeze_users(users: Mapping[str, UserConfig]) -> Mapping[str, UserConfig]:
     return users if isinstance(users, _FrozenMap) else _FrozenMap(users)
 
@@ -209,6 +248,7 @@ class Config:
     proxy: ProxyConfig = attrs.field(factory=ProxyConfig)
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     pool: PoolConfig = attrs.field(factory=PoolConfig)
+    iam: IamConfig = attrs.field(factory=IamConfig)
     users: Mapping[str, UserConfig] = attrs.field(
         factory=_FrozenMap, converter=_freeze_users, validator=_check_user_names
     )
@@ -387,6 +427,14 @@ def _scram_verifier(value: object) -> str | None:
     return text
 
 
+def _string_list(value: object) -> frozenset[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"must be a list of non-empty strings, got {_show(value)}")
+    return frozenset(value)
+
+
 _SECRET_KEYS: Final[Mapping[str, _Check]] = {
     "": _string(empty_ok=False, secret=True),
     "_env": _env_name,
@@ -430,8 +478,19 @@ _USER_KEYS: Final[Mapping[str, _Check]] = {
     **{f"backend_password{suffix}": check for suffix, check in _SECRET_KEYS.items()},
     "scram_verifier": _scram_verifier,
     "backend_user": _optional_string,
+    "iam_auth": _enum(IamAuth),
 }
-_TABLES: Final = ("proxy", "backend", "pool", "users")
+_IAM_KEYS: Final[Mapping[str, _Check]] = {
+    "endpoints": _string_list,
+    "regions": _string_list,
+    "max_clock_skew": _number(0, 3600),
+    "keys": lambda value: value,  # checked table by table below
+}
+_IAM_KEY_KEYS: Final[Mapping[str, _Check]] = {
+    **{f"secret_access_key{suffix}": check for suffix, check in _SECRET_KEYS.items()},
+    "allowed_users": _string_list,
+}
+_TABLES: Final = ("proxy", "backend", "pool", "iam", "users")
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +619,8 @@ def _parse_user(ctx: _Context, name: str, raw: Mapping[str, object]) -> UserConf
     values = ctx.check(raw, table, _USER_KEYS)
     password = ctx.secret(values, table, "password")
     verifier = values.get("scram_verifier")
-    if password is None and verifier is None:
+    iam_auth = values.get("iam_auth", IamAuth.DISABLED)
+    if password is None and verifier is None and iam_auth is not IamAuth.REQUIRED:
         raise ctx.error(
             table,
             "password",
@@ -570,11 +630,36 @@ def _parse_user(ctx: _Context, name: str, raw: Mapping[str, object]) -> UserConf
     backend_password = ctx.secret(values, table, "backend_password")
     return UserConfig(
         name=name,
+        iam_auth=iam_auth,
         password=password,
         scram_verifier=verifier,
         backend_user=values.get("backend_user") or name,
         backend_password=password if backend_password is None else backend_password,
     )
+
+
+def _parse_iam(ctx: _Context, raw: Mapping[str, object]) -> IamConfig:
+    values = ctx.check(raw, "iam", _IAM_KEYS)
+    keys: dict[str, IamKeyConfig] = {}
+    raw_keys = ctx.table(raw, "keys", "iam")
+    for key_id in raw_keys:
+        table = f"iam.keys.{_toml_key(key_id)}"
+        if not re.fullmatch(r"[A-Z0-9]{8,128}", key_id):
+            raise ctx.error(None, table, "must be an access key id (A-Z, 0-9)")
+        key_values = ctx.check(ctx.table(raw_keys, key_id, "iam.keys"), table, _IAM_KEY_KEYS)
+        secret = ctx.secret(key_values, table, "secret_access_key")
+        if secret is None:
+            raise ctx.error(table, "secret_access_key_env", "a secret access key is required")
+        keys[key_id] = IamKeyConfig(
+            access_key_id=key_id,
+            secret_access_key=secret,
+            allowed_users=key_values.get("allowed_users", frozenset({"*"})),
+        )
+    for endpoint in values.get("endpoints", ()):
+        if not re.fullmatch(r"[^:\s]+:\d{1,5}", endpoint):
+            raise ctx.error("iam", "endpoints", f'must be "host:port" names, got {_show(endpoint)}')
+    values["keys"] = _FrozenMap(keys)
+    return IamConfig(**values)
 
 
 def _parse_users(ctx: _Context, raw: Mapping[str, object]) -> dict[str, UserConfig]:
@@ -607,12 +692,26 @@ def parse_config(
             raise ctx.error(
                 None, _toml_key(str(key)), "unknown table" + _suggest(str(key), _TABLES)
             )
+    iam = _parse_iam(ctx, ctx.table(data, "iam", None))
+    users = _parse_users(ctx, ctx.table(data, "users", None))
     return Config(
         proxy=_parse_proxy(ctx, ctx.table(data, "proxy", None)),
         backend=_parse_backend(ctx, ctx.table(data, "backend", None)),
         pool=_parse_pool(ctx, ctx.table(data, "pool", None)),
-        users=_parse_users(ctx, ctx.table(data, "users", None)),
+        iam=_check_iam_users(ctx, iam, users),
+        users=users,
     )
+
+
+def _check_iam_users(ctx: _Context, iam: IamConfig, users: Mapping[str, UserConfig]) -> IamConfig:
+    needs_iam = [u.name for u in users.values() if u.iam_auth is not IamAuth.DISABLED]
+    if needs_iam and not iam.endpoints:
+        raise ctx.error(
+            "iam", "endpoints", f"required: user {needs_iam[0]!r} has iam_auth enabled"
+        )
+    if needs_iam and not iam.keys:
+        raise ctx.error("iam", "keys", f"required: user {needs_iam[0]!r} has iam_auth enabled")
+    return iam
 
 
 def load_config(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 from trioproxy._auth.scram import ScramVerifier
+from trioproxy.config import IamAuth
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -35,14 +36,18 @@ class UserSource(Protocol):
     def backend_user(self) -> str: ...
     @property
     def backend_password(self) -> str | None: ...
+    @property
+    def iam_auth(self) -> IamAuth: ...
 
 
 @attrs.frozen(kw_only=True)
 class UserCredentials:
     name: str
-    verifier: ScramVerifier = attrs.field(repr=False)
+    #: None only for users that log in with IAM tokens alone.
+    verifier: ScramVerifier | None = attrs.field(repr=False)
     backend_user: str
     backend_password: str | None = attrs.field(repr=False)
+    iam_auth: IamAuth = IamAuth.DISABLED
 
 
 class CredentialStore:
@@ -52,11 +57,12 @@ class CredentialStore:
         self._mock_secret = mock_secret if mock_secret is not None else secrets.token_bytes(32)
         self._users: dict[str, UserCredentials] = {}
         for name, user in users.items():
+            verifier: ScramVerifier | None = None
             if user.scram_verifier:
                 verifier = ScramVerifier.parse(user.scram_verifier)
             elif user.password is not None:
                 verifier = ScramVerifier.from_password(user.password)
-            else:
+            elif user.iam_auth is not IamAuth.REQUIRED:
                 raise ValueError(f"user {name!r} has neither a password nor a scram_verifier")
             backend_password = (
                 user.backend_password if user.backend_password is not None else user.password
@@ -66,6 +72,7 @@ class CredentialStore:
                 verifier=verifier,
                 backend_user=user.backend_user or name,
                 backend_password=backend_password,
+                iam_auth=user.iam_auth,
             )
 
     def __len__(self) -> int:
@@ -77,6 +84,6 @@ class CredentialStore:
     def verifier_for(self, name: str) -> ScramVerifier:
         """The user's verifier, or a mock one that no proof can satisfy."""
         user = self._users.get(name)
-        if user is not None:
+        if user is not None and user.verifier is not None:
             return user.verifier
         return ScramVerifier.mock_for(name, self._mock_secret)

@@ -294,6 +294,16 @@ class ScramVerifier:
             mock=True,
         )
 
+    def check_password(self, password: str) -> bool:
+        """Does a cleartext password match? (For clients that send one: IAM-enabled users.)
+
+        Runs PBKDF2, so the shell calls it off the event loop. Never cached: caching
+        would keep client passwords in memory.
+        """
+        salted = _pbkdf2(password, self.salt, self.iterations)
+        stored_key = _sha256(_hmac(salted, b"Client Key"))
+        return hmac.compare_digest(stored_key, self.stored_key) and not self.mock
+
     def to_text(self) -> str:
         return (
             f"{_VERIFIER_PREFIX}{self.iterations}:{_b64encode(self.salt).decode()}"

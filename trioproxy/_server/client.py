@@ -21,11 +21,13 @@ import hmac
 import logging
 import secrets
 import struct
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 from trioproxy._auth.scram import ScramServer
+from trioproxy._auth.sigv4 import TokenRejected, looks_like_auth_token, verify_auth_token
 from trioproxy._protocol.codes import Backend, Frontend, TxStatus
 from trioproxy._protocol.framing import (
     Message,
@@ -35,6 +37,7 @@ from trioproxy._protocol.framing import (
     StreamScanner,
 )
 from trioproxy._protocol.messages import (
+    AuthenticationCleartextPassword,
     AuthenticationOk,
     AuthenticationSASL,
     AuthenticationSASLContinue,
@@ -42,6 +45,7 @@ from trioproxy._protocol.messages import (
     BackendKeyData,
     ParameterStatus,
     Parse,
+    PasswordMessage,
     Query,
     ReadyForQuery,
     SASLInitialResponse,
@@ -65,7 +69,7 @@ from trioproxy._session.pinning import (
     pin_reason_for_query,
 )
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
-from trioproxy.config import PoolMode
+from trioproxy.config import IamAuth, PoolMode
 from trioproxy.errors import (
     AuthenticationFailed,
     BackendError,
@@ -78,6 +82,7 @@ from trioproxy.errors import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from trioproxy._auth.credentials import UserCredentials
     from trioproxy._pool.pool import BackendPool
     from trioproxy._server.backend import ServerConnection
     from trioproxy._server.proxy import Proxy
@@ -297,6 +302,10 @@ class ClientSession:
 
     async def _authenticate(self, reader: MessageReader) -> None:
         store = self.proxy.credentials
+        user = store.lookup(self.user)
+        if user is not None and user.iam_auth is not IamAuth.DISABLED:
+            await self._authenticate_iam(reader, user)
+            return
         scram = ScramServer(store.verifier_for(self.user))
         await self._send(AuthenticationSASL(ScramServer.MECHANISMS).encode())
         try:
@@ -318,6 +327,59 @@ class ClientSession:
             )
             raise _LoginFailed from None
         await self._send(AuthenticationSASLFinal(server_final).encode())
+
+    async def _login_failed(self, message: str, reason: str) -> NoReturn:
+        """Refuse the login: the client gets ``message``, only the log gets ``reason``."""
+        logger.info("client %d: authentication failed for user %r: %s", self.id, self.user, reason)
+        self.proxy.stats.failed_logins += 1
+        await self._fatal(SQLState.INVALID_PASSWORD, message)
+        raise _LoginFailed
+
+    async def _authenticate_iam(self, reader: MessageReader, user: UserCredentials) -> None:
+        """An IAM-style auth token (or, with iam_auth = ENABLED, the password) sent as a
+        cleartext password: asked for only over TLS, as RDS Proxy does."""
+        if not self.transport.is_tls:
+            logger.info("client %d: IAM login refused without TLS", self.id)
+            await self._fatal(
+                SQLState.INVALID_AUTHORIZATION,
+                "IAM authentication is allowed only with SSL connections.",
+            )
+            raise _LoginFailed
+        await self._send(AuthenticationCleartextPassword().encode())
+        body = await self._read_password_message(reader)
+        secret = PasswordMessage.parse(body).password.decode("utf-8", "surrogateescape")
+        policy = self.proxy.iam_policy
+        if looks_like_auth_token(secret) and policy is not None:
+            try:
+                verified = verify_auth_token(
+                    secret,
+                    db_user=self.user,
+                    keys=self.proxy.iam_keys,
+                    policy=policy,
+                    now=time.time(),
+                )
+            except TokenRejected as exc:
+                await self._login_failed(
+                    f'IAM authentication failed for user "{self.user}"', f"token rejected: {exc}"
+                )
+            logger.info(
+                "client %d: IAM token of key %s accepted for user %r",
+                self.id,
+                verified.access_key_id,
+                self.user,
+            )
+            return
+        if user.iam_auth is IamAuth.ENABLED and user.verifier is not None:
+            verifier = user.verifier
+            # PBKDF2 is deliberately slow: keep it off the event loop.
+            if await trio.to_thread.run_sync(verifier.check_password, secret):
+                return
+            await self._login_failed(
+                f'password authentication failed for user "{self.user}"', "wrong password"
+            )
+        await self._login_failed(
+            f'IAM authentication failed for user "{self.user}"', "not an IAM auth token"
+        )
 
     def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         requested: dict[str, str] = {}

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from trioproxy._auth.credentials import CredentialStore
+from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
 from trioproxy._pool.budget import PoolLimits, ServerBudget
 from trioproxy._pool.pool import BackendPool
 from trioproxy._protocol.messages import CancelRequest
@@ -87,6 +88,22 @@ class Proxy:
             server_idle_timeout=pool_config.server_idle_timeout,
         )
         self.budget = ServerBudget(self.limits)
+        iam = config.iam
+        self.iam_keys = {
+            key_id: AccessKey(
+                access_key_id=key_id,
+                secret_access_key=key.secret_access_key,
+                allowed_users=key.allowed_users,
+            )
+            for key_id, key in iam.keys.items()
+        }
+        self.iam_policy = (
+            TokenPolicy(
+                endpoints=iam.endpoints, regions=iam.regions, max_clock_skew=iam.max_clock_skew
+            )
+            if iam.endpoints
+            else None
+        )
 
     # --- pools ------------------------------------------------------------------------
 

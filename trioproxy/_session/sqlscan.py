@@ -122,30 +122,32 @@ def _token_pattern(plain_string_body: str) -> re.Pattern[str]:
     """The lexer: one match per significant token, whole quoted tokens included, then the
     whitespace and line comments after it.
 
-    The order matters: prefixed strings before ``word`` (``E'...'`` is a string, not the
-    identifier ``e``; ``word`` is greedy, so ``type'...'`` stays the word ``type``), and the
-    ``open`` alternatives, which catch an opening quote whose token never ends, after the
-    complete forms.
+    The common tokens come first (words, then punctuation). A word may not start a prefixed
+    string (``E'...'`` is a string, not the identifier ``e``; ``word`` is greedy, so
+    ``type'...'`` stays the word ``type`` and then a string). The ``open`` and
+    ``unterminated`` alternatives catch an opening quote whose token never ends; they come
+    after the complete forms. No token starts with ``--``: the skip after the previous
+    token has eaten it.
     """
     return re.compile(
         rf"""
         (?:
-          (?P<estr>[eE]'{_ESCAPE_BODY})
-        | (?P<ustr>[uU]&'{_STANDARD_BODY})
-        | (?P<uident>[uU]&"{_IDENT_BODY})
-        | (?P<bstr>[bBxX]'{_STANDARD_BODY})
-        | (?P<nstr>[nN]'{plain_string_body})
-        | (?P<open>[eEbBxXnN]'|[uU]&['"])
-        | (?P<word>[{_IDENT_START}][{_IDENT_CONT}$]*+)
+          (?P<word>(?![eEbBxXnN]'|[uU]&['"])[{_IDENT_START}][{_IDENT_CONT}$]*+)
+        | (?P<punct>[(),=*<>+\-:\[\]|%^~!@#&?`])
         | (?P<number>0[xX][0-9A-Fa-f_]++|0[oO][0-7_]++|0[bB][01_]++
             |(?:[0-9][0-9_]*+(?:\.[0-9_]*+)?|\.[0-9][0-9_]*+)(?:[eE][+-]?[0-9]++)?)
         | (?P<str>'{plain_string_body})
         | (?P<ident>"{_IDENT_BODY})
         | (?P<semi>;)
+        | (?P<estr>[eE]'{_ESCAPE_BODY})
+        | (?P<ustr>[uU]&'{_STANDARD_BODY})
+        | (?P<uident>[uU]&"{_IDENT_BODY})
+        | (?P<bstr>[bBxX]'{_STANDARD_BODY})
+        | (?P<nstr>[nN]'{plain_string_body})
         | (?P<block>/\*)
         | (?P<dollar>\$(?P<tag>(?:[{_IDENT_START}][{_IDENT_CONT}]*+)?)\$.*?\$(?P=tag)\$)
         | (?P<param>\$[0-9]++)
-        | (?P<unterminated>['"]|\$(?:[{_IDENT_START}][{_IDENT_CONT}]*+)?\$)
+        | (?P<open>[eEbBxXnN]'|[uU]&['"]|['"]|\$(?:[{_IDENT_START}][{_IDENT_CONT}]*+)?\$)
         | (?P<op>.)
         )
         {_SKIP}
@@ -156,6 +158,19 @@ def _token_pattern(plain_string_body: str) -> re.Pattern[str]:
 
 _TOKEN: Final = _token_pattern(_STANDARD_BODY)
 _TOKEN_NONSTANDARD: Final = _token_pattern(_ESCAPE_BODY)
+assert _TOKEN.groupindex == _TOKEN_NONSTANDARD.groupindex
+# Group numbers: the lexer dispatches on ``Match.lastindex`` (an int compare is cheaper than
+# a group-name lookup). ``tag`` is nested in ``dollar``, which closes last, so ``lastindex``
+# is always one of these.
+_G_WORD: Final = _TOKEN.groupindex["word"]
+_G_PUNCT: Final = _TOKEN.groupindex["punct"]
+_G_SEMI: Final = _TOKEN.groupindex["semi"]
+_G_IDENT: Final = _TOKEN.groupindex["ident"]
+_G_UIDENT: Final = _TOKEN.groupindex["uident"]
+_G_BLOCK: Final = _TOKEN.groupindex["block"]
+_G_PARAM: Final = _TOKEN.groupindex["param"]
+_G_OPEN: Final = _TOKEN.groupindex["open"]
+_G_OP: Final = _TOKEN.groupindex["op"]
 _SKIP_RE: Final = re.compile(_SKIP)
 _COMMENT_MARK: Final = re.compile(r"/\*|\*/")
 
@@ -166,6 +181,13 @@ _new_token: Final = tuple.__new__
 
 def _ascii_lower(text: str) -> str:
     return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
+
+
+def _skip(sql: str, pos: int) -> int:
+    """Past the whitespace and line comments at ``pos``."""
+    m = _SKIP_RE.match(sql, pos)
+    assert m is not None  # _SKIP matches the empty string
+    return m.end()
 
 
 def _end_of_block_comment(sql: str, pos: int) -> int | None:
@@ -195,45 +217,44 @@ def split_statements(sql: str, *, standard_conforming_strings: bool = True) -> l
     tokens: list[Token] = []
     append = tokens.append
     match = (_TOKEN if standard_conforming_strings else _TOKEN_NONSTANDARD).match
-    skip = _SKIP_RE.match
     new = _new_token
     word, op, literal = _WORD, _OP, _LITERAL
     has_uident = incomplete = False
     n = len(sql)
     start = 0
-    pos = skip(sql, 0).end()  # type: ignore[union-attr]  # _SKIP matches the empty string
+    pos = _skip(sql, 0)
     while pos < n:
         m = match(sql, pos)
         assert m is not None  # "op" matches any character
-        group = m.lastgroup
-        if group == "word":
+        group = m.lastindex
+        if group == _G_WORD:
             text = m.group(group)
             text = text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
-            append(new(Token, (word, text, pos, m.end(group))))
-        elif group == "op":
-            append(new(Token, (op, m.group(group), pos, pos + 1)))
-        elif group == "semi":
+            append(new(Token, (word, text, pos, pos + len(text))))
+        elif group in (_G_PUNCT, _G_OP):
+            append(new(Token, (op, sql[pos], pos, pos + 1)))
+        elif group == _G_SEMI:
             if tokens:
                 statements.append(_statement(tokens, sql, start, pos, has_uident, False))
                 tokens = []
                 append = tokens.append
                 has_uident = False
             start = pos + 1
-        elif group == "ident" or group == "uident":
+        elif group in (_G_IDENT, _G_UIDENT):
             end = m.end(group)
-            body = sql[pos + (1 if group == "ident" else 3) : end - 1].replace('""', '"')
+            body = sql[pos + (1 if group == _G_IDENT else 3) : end - 1].replace('""', '"')
             append(new(Token, (_IDENT, body, pos, end)))
-            has_uident = has_uident or group == "uident"
-        elif group == "param":
+            has_uident = has_uident or group == _G_UIDENT
+        elif group == _G_PARAM:
             append(new(Token, (_PARAM, m.group(group), pos, m.end(group))))
-        elif group == "block":
+        elif group == _G_BLOCK:
             close = _end_of_block_comment(sql, pos + 2)
             if close is None:
                 incomplete = True
                 break
-            pos = skip(sql, close).end()  # type: ignore[union-attr]
+            pos = _skip(sql, close)
             continue
-        elif group == "open" or group == "unterminated":
+        elif group == _G_OPEN:
             # An opening quote that never closes: the rest of the input is inside it.
             is_ident = sql[pos] == '"' or sql[pos : pos + 3] in ('U&"', 'u&"')
             append(new(Token, (_IDENT if is_ident else literal, sql[pos:], pos, n)))
