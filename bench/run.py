@@ -13,7 +13,7 @@ What one invocation does:
    ``python -m trioproxy --config bench.toml`` as a subprocess, each with a pool of
    ``--pool-size`` server connections), waits until PostgreSQL has no connection to the
    benchmark database, then runs the scenario's load generator in a *separate process*
-   (``python bench/run.py --loadgen``, asyncio + asyncpg) while a superuser connection
+   (``python bench/run.py --loadgen SPEC``, asyncio + asyncpg) while a superuser connection
    samples ``pg_stat_activity`` every 100 ms; then stops the target by PID;
 3. prints a table and writes ``bench/results/<scenario>.md`` and ``.json`` (``--quick`` runs
    go to ``bench/results/tmp/``, which git ignores);
@@ -140,7 +140,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 # ============================================================================================
-# The load generator: a separate process (`run.py --loadgen`, spec as JSON on stdin)
+# The load generator: separate processes (`run.py --loadgen SPEC.json`), result on stdout
 
 
 @dataclasses.dataclass
@@ -309,9 +309,9 @@ def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def loadgen_main() -> int:
+def loadgen_main(spec_file: Path) -> int:
     raise_nofile_limit()
-    spec = json.loads(sys.stdin.read())
+    spec = json.loads(spec_file.read_text())
     result = asyncio.run(loadgen_async(spec))
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
@@ -469,6 +469,8 @@ class Target(Protocol):
 
     def problems(self) -> dict[str, int]: ...
 
+    def exit_problem(self, code: int | None) -> str | None: ...
+
 
 class DirectTarget:
     """PostgreSQL itself: nothing to start."""
@@ -490,11 +492,15 @@ class DirectTarget:
     def problems(self) -> dict[str, int]:
         return {}
 
+    def exit_problem(self, code: int | None) -> str | None:
+        return None
+
 
 class ServiceTarget:
     """A pooler run as a child process; started cold for every run, stopped by PID."""
 
     markers: tuple[str, ...] = ()
+    clean_exit: frozenset[int] = frozenset({0})  # exit statuses after our SIGTERM
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path):
         self.name = name
@@ -535,9 +541,15 @@ class ServiceTarget:
     def problems(self) -> dict[str, int]:
         return log_problems(self.logfile, self.markers)
 
+    def exit_problem(self, code: int | None) -> str | None:
+        if code is None or code in self.clean_exit:
+            return None
+        return f"exit status {code} after SIGTERM (expected {sorted(self.clean_exit)})"
+
 
 class PgBouncerTarget(ServiceTarget):
     markers = (" WARNING ", " ERROR ", " FATAL ", "FATAL:", "ERROR:")
+    clean_exit = frozenset({0, 1})  # SIGTERM is PgBouncer's "fast exit": die() -> status 1
 
 
 class TrioproxyTarget(ServiceTarget):
@@ -794,32 +806,36 @@ password_env = "{PASSWORD_ENV}"
         shares = [spec["clients"] // n + (1 if i < spec["clients"] % n else 0) for i in range(n)]
         spec = {**spec, "start_at": time.time() + 2.0}
         log = self.base / "loadgen.log"
-        for share in shares:
+        for i, share in enumerate(shares):
+            spec_file = self.base / f"loadgen-{i}.json"
+            spec_file.write_text(json.dumps({**spec, "clients": share}))
+            spec_file.chmod(0o600)  # it holds the password
             with log.open("ab") as err:
-                proc = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-                    [sys.executable, str(Path(__file__).resolve()), "--loadgen"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=err,
-                    env=clean_env(),
-                    start_new_session=True,
+                self.loadgens.append(
+                    subprocess.Popen(  # noqa: S603 - our own interpreter and script
+                        [
+                            sys.executable,
+                            str(Path(__file__).resolve()),
+                            "--loadgen",
+                            str(spec_file),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        env=clean_env(),
+                        start_new_session=True,
+                    )
                 )
-            self.loadgens.append(proc)
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps({**spec, "clients": share}).encode())
-            proc.stdin.close()
         deadline = time.monotonic() + timeout
         parts: list[dict[str, Any]] = []
         try:
             for proc in self.loadgens:
-                assert proc.stdout is not None
                 try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
+                    out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     raise BenchError(
                         f"the load generator did not finish within {timeout:g} s"
                     ) from None
-                out = proc.stdout.read()
                 if proc.returncode != 0 or not out.strip():
                     from trioproxy.demo import indent, tail
 
@@ -831,8 +847,6 @@ password_env = "{PASSWORD_ENV}"
             procs, self.loadgens = self.loadgens, []
             for proc in procs:
                 stop_process(proc, timeout=5)
-                if proc.stdout is not None:
-                    proc.stdout.close()
         return merge_loadgen(parts)
 
     # -- tear-down ---------------------------------------------------------------------------
@@ -979,6 +993,7 @@ def run_once(env: Environment, target: Target, clients: int, repetition: int) ->
         },
         proxy_exit_code=exit_code,
         proxy_log_problems=target.problems(),
+        proxy_exit_problem=target.exit_problem(exit_code),
     )
     # CPU the bench cannot attribute to the load generator, the pooler or PostgreSQL: kernel
     # work outside process context, the sampler, and anything else running on the machine.
@@ -1164,6 +1179,7 @@ CPU_HEADERS = (
     "target",
     "rep",
     "load generator",
+    "load generator busy",
     "pooler",
     "PostgreSQL",
     "other programs",
@@ -1179,6 +1195,11 @@ def cpu_row(run: dict[str, Any]) -> list[str]:
         run["target"],
         str(run["repetition"]),
         fmt(run["loadgen_cpu_s"], 1),
+        fmt_pct(
+            run["loadgen_cpu_s"] / run["wall_s"] / run.get("loadgen_processes", 1)
+            if run["wall_s"]
+            else None
+        ),
         fmt(run["proxy_cpu_s"], 1),
         fmt(run["postgres_cpu_s"], 1),
         fmt(run.get("foreign_cpu_s"), 1),
@@ -1287,7 +1308,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         for run in runs:
             errors = run["errors"]
             problems = run.get("proxy_log_problems") or {}
-            if not errors and not problems and not run.get("close_errors"):
+            exit_problem = run.get("proxy_exit_problem")
+            notes = (
+                [
+                    f"unfinished: {run['unfinished_clients']} clients still in an attempt "
+                    "after the grace period (cancelled)"
+                ]
+                if run.get("unfinished_clients")
+                else []
+            )
+            if exit_problem:
+                notes.append(exit_problem)
+            if not errors and not problems and not run.get("close_errors") and not notes:
                 continue
             out.append(f"{run['target']} (repetition {run['repetition']}):")
             out.append("")
@@ -1297,6 +1329,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 out.append(f"* {count:,} x on close: `{message}`")
             for message, count in problems.items():
                 out.append(f"* {count:,} x in its log: `{message}`")
+            out += [f"* {note}" for note in notes]
             out.append("")
     out += [
         "## Ratios",
@@ -1372,7 +1405,7 @@ def parser() -> argparse.ArgumentParser:
         "to use under 0.15 CPU (default 20)",
     )
     p.add_argument("--output", type=Path, help="directory for <scenario>.md/.json")
-    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--loadgen", type=Path, metavar="SPEC", help=argparse.SUPPRESS)
     return p
 
 
@@ -1406,11 +1439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.loadgen:
-        return loadgen_main()
+        return loadgen_main(args.loadgen)
     from trioproxy.demo import DemoError
 
     settings = settings_from(args)
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     began = time.monotonic()
     say(
         f"trioproxy bench: scenario {settings.scenario}, clients {settings.clients}, "

@@ -1,13 +1,18 @@
 """Command line: ``trioproxy --config proxy.toml`` / ``--check-config`` / ``--version``.
 
+Signals: SIGTERM or SIGINT starts a graceful shutdown (stop accepting, let transactions in
+flight finish for up to ``shutdown_timeout``, then close every client with FATAL 57P01); a
+second one stops at once. SIGHUP re-reads the configuration file (see docs/operations.md).
+
 Exit status: 0 on a clean shutdown (SIGINT/SIGTERM) or a valid ``--check-config``; 1 if the
-proxy stopped on an error; 2 for an invalid configuration or bad usage; 130 if interrupted
-by a second Ctrl-C during shutdown. Never prints a traceback for those expected cases.
+proxy stopped on an error; 2 for an invalid configuration or bad usage; 130 on a
+KeyboardInterrupt. Never prints a traceback for those expected cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -23,6 +28,8 @@ from trioproxy.errors import ConfigError, TrioproxyError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from trioproxy._server.proxy import Proxy
 
 logger = logging.getLogger("trioproxy")
 
@@ -73,23 +80,34 @@ def configure_logging(config: Config) -> None:
 
 
 async def _watch_signals(
-    cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGTERM/SIGINT: graceful shutdown (a second one: stop at once). SIGHUP: reload."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
-            logger.info("received %s, shutting down", signal.Signals(signum).name)
-            cancel_scope.cancel()
-            return
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                logger.info("received SIGHUP, reloading %s", proxy.config.source)
+                with contextlib.suppress(TrioproxyError):  # logged; the running config stays
+                    await proxy.reload()
+            elif not proxy.draining:
+                logger.info("received %s, shutting down", name)
+                proxy.shutdown()
+            else:
+                logger.warning("received %s again, stopping now", name)
+                proxy.stop()
 
 
 async def _run(config: Config) -> None:
-    from trioproxy._server.proxy import serve  # lazy: --check-config needs no server code
+    from trioproxy._server.proxy import Proxy  # lazy: --check-config needs no server code
 
     configure_logging(config)
+    proxy = Proxy(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, nursery.cancel_scope)
-        await nursery.start(serve, config)
+        await nursery.start(_watch_signals, proxy)
+        await proxy.run()  # returns after a drain, or raises
+        nursery.cancel_scope.cancel()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

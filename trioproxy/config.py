@@ -77,6 +77,8 @@ class LogFormat(enum.Enum):
 
 SESSION_PINNING_FILTERS: Final = frozenset({"EXCLUDE_VARIABLE_SETS"})
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @attrs.frozen(kw_only=True)
 class ListenAddress:
@@ -123,6 +125,23 @@ class ProxyConfig:
     debug_logging: bool = False
     log_format: LogFormat = LogFormat.TEXT
     shutdown_timeout: float = 30.0
+    #: Clients must come from one of these networks; None = from anywhere.
+    allowed_client_cidrs: tuple[IPNetwork, ...] | None = None
+    #: Seconds between re-reads of secret_file / secret_arn secrets; 0 = never.
+    secret_refresh_interval: float = 300.0
+    #: Secrets Manager endpoint override (a local moto server in tests); None = AWS.
+    aws_endpoint_url: str | None = None
+    #: Failed-login back-off per client address: this many failures are free, then each
+    #: auth answer waits failed_login_delay * 2**k seconds (at most failed_login_max_delay).
+    failed_login_free_attempts: int = 5
+    failed_login_delay: float = 0.5
+    failed_login_max_delay: float = 15.0
+    #: Failures older than this many seconds are forgotten.
+    failed_login_window: float = 600.0
+    #: Where to serve Prometheus metrics (``GET /metrics``); None = off.
+    metrics_listen: ListenAddress | None = None
+    #: Users who may log in to the admin console (database ``trioproxy``).
+    admin_users: frozenset[str] = frozenset()
 
 
 @attrs.frozen(kw_only=True)
@@ -149,10 +168,18 @@ class PoolConfig:
     server_idle_timeout: float = 600.0
     init_query: str = ""
     session_pinning_filters: frozenset[str] = frozenset()
+    max_prepared_statements: int = 100
 
 
 def _default_backend_password(self: UserConfig) -> str | None:
     return self.password
+
+
+class ClientPasswordAuthType(enum.Enum):
+    """How a client proves its password (RDS Proxy's ``ClientPasswordAuthType``)."""
+
+    SCRAM_SHA_256 = "scram-sha-256"
+    MD5 = "md5"  # for old clients; needs the user's plaintext password
 
 
 class IamAuth(enum.Enum):
@@ -201,6 +228,11 @@ class UserConfig:
     backend_password: str | None = attrs.field(
         default=attrs.Factory(_default_backend_password, takes_self=True), repr=False
     )
+    client_password_auth_type: ClientPasswordAuthType = ClientPasswordAuthType.SCRAM_SHA_256
+    #: A JSON file in Secrets Manager's shape: the backend credentials (re-read).
+    secret_file: Path | None = None
+    #: An AWS Secrets Manager secret (``arn:aws:secretsmanager:...``), read through boto3.
+    secret_arn: str | None = None
 
 
 class _FrozenMap(Mapping[_K, _V]):
@@ -394,6 +426,17 @@ def _listen(value: object) -> tuple[ListenAddress, ...]:
     return tuple(addresses)
 
 
+def _optional_listen(value: object) -> ListenAddress | None:
+    """One ``"host:port"``; ``""`` means off."""
+    text = _string()(value)
+    if not text:
+        return None
+    try:
+        return ListenAddress.parse(text)
+    except ValueError as exc:
+        raise _Invalid(f"{exc}, got {_show(value)}") from None
+
+
 def _pinning_filters(value: object) -> frozenset[str]:
     allowed = ", ".join(json.dumps(f) for f in sorted(SESSION_PINNING_FILTERS))
     if not isinstance(value, list) or not all(
@@ -427,6 +470,42 @@ def _scram_verifier(value: object) -> str | None:
     return text
 
 
+def _cidrs(value: object) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise _Invalid(
+            f'must be a non-empty array of networks like "10.0.0.0/8", got {_show(value)}'
+        )
+    networks: list[IPNetwork] = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as exc:
+            raise _Invalid(f"{exc}, got {_show(item)}") from None
+    return tuple(networks)
+
+
+_SECRET_ARN_RE: Final = re.compile(
+    r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[^\s:]+"
+)
+
+
+def _secret_arn(value: object) -> str:
+    text = _string()(value)
+    if not _SECRET_ARN_RE.fullmatch(text):
+        raise _Invalid(
+            'must be a Secrets Manager ARN "arn:aws:secretsmanager:<region>:<account>:secret:'
+            f'<name>", got {_show(value)}'
+        )
+    return text
+
+
+def _url(value: object) -> str | None:
+    text = _string()(value)
+    if text and not re.fullmatch(r"https?://\S+", text):
+        raise _Invalid(f"must be an http(s) URL, got {_show(value)}")
+    return text or None
+
+
 def _string_list(value: object) -> frozenset[str]:
     if isinstance(value, str):
         value = [value]
@@ -454,6 +533,15 @@ _PROXY_KEYS: Final[Mapping[str, _Check]] = {
     "debug_logging": _boolean,
     "log_format": _enum(LogFormat),
     "shutdown_timeout": _number(0),
+    "allowed_client_cidrs": _cidrs,
+    "secret_refresh_interval": _number(0),
+    "aws_endpoint_url": _url,
+    "failed_login_free_attempts": _integer(0),
+    "failed_login_delay": _number(0, 60),
+    "failed_login_max_delay": _number(0, 3600),
+    "failed_login_window": _number(0, above=True),
+    "metrics_listen": _optional_listen,
+    "admin_users": _string_list,
 }
 _BACKEND_KEYS: Final[Mapping[str, _Check]] = {
     "host": _string(empty_ok=False),
@@ -472,6 +560,7 @@ _POOL_KEYS: Final[Mapping[str, _Check]] = {
     "server_idle_timeout": _number(0),
     "init_query": _string(),
     "session_pinning_filters": _pinning_filters,
+    "max_prepared_statements": _integer(1, 100_000),
 }
 _USER_KEYS: Final[Mapping[str, _Check]] = {
     **{f"password{suffix}": check for suffix, check in _SECRET_KEYS.items()},
@@ -479,6 +568,9 @@ _USER_KEYS: Final[Mapping[str, _Check]] = {
     "scram_verifier": _scram_verifier,
     "backend_user": _optional_string,
     "iam_auth": _enum(IamAuth),
+    "client_password_auth_type": _enum(ClientPasswordAuthType),
+    "secret_file": _file_name,
+    "secret_arn": _secret_arn,
 }
 _IAM_KEYS: Final[Mapping[str, _Check]] = {
     "endpoints": _string_list,
@@ -620,21 +712,49 @@ def _parse_user(ctx: _Context, name: str, raw: Mapping[str, object]) -> UserConf
     password = ctx.secret(values, table, "password")
     verifier = values.get("scram_verifier")
     iam_auth = values.get("iam_auth", IamAuth.DISABLED)
-    if password is None and verifier is None and iam_auth is not IamAuth.REQUIRED:
+    # A secret source (secret_file / secret_arn) holds the backend credentials, re-read at
+    # run time; as in RDS Proxy, clients are checked against its password unless the
+    # table gives a client credential of its own.
+    sources = [key for key in ("secret_file", "secret_arn") if key in values]
+    if len(sources) > 1:
+        raise ctx.error(table, "secret_arn", "conflicts with secret_file; give only one")
+    secret_file = ctx.existing_file(values, table, "secret_file")
+    if sources:
+        for key in values:
+            if key.startswith("backend_password"):
+                raise ctx.error(
+                    table, key, f"conflicts with {sources[0]} (the secret holds the password)"
+                )
+    if password is None and verifier is None and not sources and iam_auth is not IamAuth.REQUIRED:
         raise ctx.error(
             table,
             "password",
-            "no client credential: set one of password, password_env, password_file "
-            "or scram_verifier",
+            "no client credential: set one of password, password_env, password_file, "
+            "scram_verifier, secret_file or secret_arn",
+        )
+    auth_type = values.get("client_password_auth_type", ClientPasswordAuthType.SCRAM_SHA_256)
+    if auth_type is ClientPasswordAuthType.MD5 and password is None and not sources:
+        raise ctx.error(
+            table,
+            "client_password_auth_type",
+            '"md5" needs the plaintext password: set password, password_env, password_file, '
+            "secret_file or secret_arn (a scram_verifier cannot check MD5 answers)",
         )
     backend_password = ctx.secret(values, table, "backend_password")
+    if sources:
+        backend_password = None  # comes from the secret
+    elif backend_password is None:
+        backend_password = password
     return UserConfig(
         name=name,
         iam_auth=iam_auth,
         password=password,
         scram_verifier=verifier,
         backend_user=values.get("backend_user") or name,
-        backend_password=password if backend_password is None else backend_password,
+        backend_password=backend_password,
+        client_password_auth_type=auth_type,
+        secret_file=secret_file,
+        secret_arn=values.get("secret_arn"),
     )
 
 

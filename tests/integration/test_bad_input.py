@@ -217,12 +217,15 @@ def _asyncpg_error(proxy: RunningProxy, *, ssl_context: Any, **kwargs: Any) -> B
             conn = await asyncpg.connect(
                 host=proxy.host,
                 port=proxy.port,
-                database="app",
                 ssl=ssl_context,
                 timeout=10,
-                **kwargs,
+                **{"database": "app", **kwargs},
             )
         except Exception as exc:
+            # asyncpg closes its TLS transport with a close_notify and finishes when the proxy
+            # closes its end (it must, after a FATAL error): let that happen before
+            # asyncio.run closes the loop, or the socket is reported unclosed.
+            await asyncio.sleep(0.3)
             return exc
         await conn.close()
         raise AssertionError("asyncpg connected")
@@ -322,6 +325,132 @@ def test_plaintext_client_refused_when_tls_required(proxy_factory: Any) -> None:
     # sslmode=prefer/require/verify-full clients are served.
     with psycopg.connect(proxy.dsn(sslmode="require"), connect_timeout=10) as conn:
         assert conn.info.pgconn.ssl_in_use
+    assert_serving(proxy)
+
+
+def test_unknown_database(proxy: RunningProxy) -> None:
+    exc = _connect_error(proxy.dsn(dbname="no_such_db"))
+    assert 'database "no_such_db" does not exist' in str(exc), str(exc)
+    err = _asyncpg_error(
+        proxy,
+        ssl_context=_ca_context(proxy),
+        user="app",
+        password="app-secret",
+        database="no_such_db",
+    )
+    assert isinstance(err, asyncpg.exceptions.InvalidCatalogNameError), repr(err)
+    assert err.sqlstate == "3D000"
+    assert_serving(proxy)
+
+
+def test_bad_startup_option(proxy: RunningProxy) -> None:
+    exc = _connect_error(proxy.dsn(options="-c no_such_setting=1"))
+    assert 'unrecognized configuration parameter "no_such_setting"' in str(exc), str(exc)
+    exc = _connect_error(proxy.dsn(options="-c statement_timeout=banana"))
+    assert "statement_timeout" in str(exc), str(exc)
+    assert_serving(proxy)
+
+
+def test_replication_connection_refused(proxy: RunningProxy) -> None:
+    exc = _connect_error(proxy.dsn(replication="database"))
+    assert "replication" in str(exc), str(exc)
+    assert_serving(proxy)
+
+
+def test_too_many_clients(proxy_factory: Any) -> None:
+    proxy = proxy_factory(proxy={"max_client_connections": 2}, pool={"pool_mode": "session"})
+    with (
+        psycopg.connect(proxy.dsn(), connect_timeout=10) as first,
+        psycopg.connect(proxy.dsn(), connect_timeout=10) as second,
+    ):
+        exc = _connect_error(proxy.dsn())
+        assert "too many clients" in str(exc), str(exc)
+        err = _asyncpg_error(proxy, ssl_context=_ca_context(proxy), user="app", password="x")
+        assert isinstance(err, asyncpg.exceptions.TooManyConnectionsError), repr(err)
+        assert err.sqlstate == "53300"
+        assert first.execute("select 1").fetchone() == (1,)
+        assert second.execute("select 2").fetchone() == (2,)
+    # Slots are given back when clients leave.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert_serving(proxy)
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "client slots were not given back"
+            time.sleep(0.1)
+
+
+def test_login_timeout(proxy_factory: Any) -> None:
+    """A client that says nothing (or stops half-way through SCRAM) is dropped after
+    client_login_timeout."""
+    proxy = proxy_factory(proxy={"client_login_timeout": 1}, pool={"pool_mode": "session"})
+    with raw_client(proxy) as silent, raw_client(proxy) as halfway:
+        halfway.send(startup_packet({"user": "app", "database": "app"}))
+        assert read_auth(halfway)[0] == 10
+        started = time.monotonic()
+        for client in (silent, halfway):
+            data = client.read_until_closed()
+            _assert_error_or_close(data)
+        assert time.monotonic() - started < 4
+        assert data[:1] == b"E"
+        (length,) = struct.unpack("!i", data[1:5])
+        assert error_fields(data[5 : 1 + length])["C"] == "08P01"
+    assert_serving(proxy)
+
+
+def test_message_too_large(proxy_factory: Any) -> None:
+    """Messages over max_message_size end the connection with an error, in either direction."""
+    proxy = proxy_factory(proxy={"max_message_size": 1024 * 1024}, pool={"pool_mode": "session"})
+    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
+        assert conn.execute("select %s::text", ("x" * 500_000,)).fetchone() == ("x" * 500_000,)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select length(%s::text)", ("x" * 2_000_000,))
+    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:  # noqa: SIM117
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select repeat('x', 2000000)")
+    assert_serving(proxy)
+
+
+def test_cancel_request_with_unknown_key(proxy: RunningProxy) -> None:
+    with raw_client(proxy) as client:
+        client.send(struct.pack("!iiii", 16, 80877102, 12345, 67890))
+        assert client.read_until_closed() == b""
+    assert_serving(proxy)
+
+
+def test_wrong_message_during_authentication(proxy: RunningProxy) -> None:
+    cases = [
+        message(b"Q", b"select 1\0"),  # a query instead of SASLInitialResponse
+        message(b"p", b"PLAIN\0" + struct.pack("!i", 3) + b"abc"),  # unknown mechanism
+        message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", 5) + b"n,,x="),  # bad client-first
+        message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", 100) + b"short"),  # bad length
+    ]
+    for case in cases:
+        with raw_client(proxy) as client:
+            client.send(startup_packet({"user": "app", "database": "app"}))
+            assert read_auth(client)[0] == 10
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                client.send(case)
+            data = client.read_until_closed()
+            assert data[:1] == b"E", (case, data[:64])
+            _assert_error_or_close(data)
+    assert_serving(proxy)
+
+
+def test_ssl_request_inside_tls(proxy: RunningProxy) -> None:
+    with raw_client(proxy) as client:
+        client.send(request_packet(SSL_REQUEST_CODE))
+        assert client.recv_exact(1) == b"S"
+        context = _ca_context(proxy)
+        with context.wrap_socket(client.sock, server_hostname="localhost") as tls:
+            tls.sendall(request_packet(SSL_REQUEST_CODE))
+            data = b""
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                while chunk := tls.recv(65536):
+                    data += chunk
+            _assert_error_or_close(data)
+            assert data[:1] == b"E"
     assert_serving(proxy)
 
 

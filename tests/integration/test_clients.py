@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import ssl
 import subprocess
 import threading
@@ -307,23 +308,20 @@ def test_psycopg_pipeline(any_proxy: RunningProxy, table: str) -> None:
         assert conn.execute(f"select count(*) from {table}").fetchone() == (200,)
 
 
-@pytest.mark.parametrize("how", ["cancel", "cancel_safe"])
-def test_psycopg_cancel(any_proxy: RunningProxy, how: str) -> None:
+def test_psycopg_cancel(any_proxy: RunningProxy) -> None:
     """A CancelRequest sent to the proxy reaches the server connection running the query.
 
-    ``cancel()`` is libpq's legacy PQcancel (a plaintext connection); ``cancel_safe()`` is
-    libpq 17+'s PQcancelCreate, which opens the cancel connection with the same sslmode
-    (SSLRequest, TLS, then the CancelRequest) and waits for the server to close it.
+    ``cancel_safe()`` is libpq 17+'s PQcancelCreate: it opens the cancel connection with the
+    same sslmode (SSLRequest, TLS, then the CancelRequest) and waits for the proxy to close
+    it. (The legacy ``cancel()`` calls PQcancel without releasing the GIL, which would
+    deadlock against this in-process proxy: see test_psql_cancel for PQcancel.)
     """
     errors: list[BaseException] = []
     with psycopg.connect(any_proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
 
         def cancel() -> None:
             try:
-                if how == "cancel":
-                    conn.cancel()
-                else:
-                    conn.cancel_safe(timeout=10)
+                conn.cancel_safe(timeout=10)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -338,7 +336,31 @@ def test_psycopg_cancel(any_proxy: RunningProxy, how: str) -> None:
             timer.join(15)
         assert time.monotonic() - started < 10
         assert conn.execute("select 'after cancel'").fetchone() == ("after cancel",)
-    assert errors == [], f"{how}() reported: {errors[0]!r}"
+    assert errors == [], f"cancel_safe() reported: {errors[0]!r}"
+
+
+def test_psql_cancel(any_proxy: RunningProxy) -> None:
+    """psql's SIGINT handler sends a CancelRequest with PQcancel (a plaintext connection)."""
+    proc = subprocess.Popen(
+        ["psql", "-X", "-w", "-q", "-A", "-t", "-c", "select pg_sleep(20)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_clean_env(PGCONNECT_TIMEOUT="10", **any_proxy.env()),
+    )
+    try:
+        time.sleep(1.5)  # connected and waiting for the result
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert time.monotonic() - started < 10
+    assert "canceling statement due to user request" in err, err
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert _ok(run_psql(any_proxy, "-c", "select 'after cancel'")).strip() == "after cancel"
 
 
 def test_session_parameters_do_not_leak_between_clients(proxy_factory: Any, mode: str) -> None:
@@ -368,6 +390,27 @@ def test_session_parameters_do_not_leak_between_clients(proxy_factory: Any, mode
             assert b.execute("show datestyle").fetchone() == ("ISO, MDY",)
         assert a.info.parameter_status("TimeZone") == "America/New_York"
         assert b.info.parameter_status("TimeZone") == "Asia/Tokyo"
+
+
+def test_startup_options_apply(any_proxy: RunningProxy) -> None:
+    """``options=-c name=value`` (untracked settings) hold for the whole client session,
+    in every transaction, whatever server connection serves it, exactly as they would on
+    PostgreSQL directly."""
+    options = "-c statement_timeout=4321 -c search_path=pg_catalog,public"
+    probe = "select current_setting('statement_timeout'), current_setting('search_path'), "
+    probe += "current_schemas(false)::text"
+    with psycopg.connect(any_proxy.pg.dsn(), options=options, connect_timeout=10) as direct:
+        expected = direct.execute(probe).fetchone()
+    assert expected == ("4321ms", "pg_catalog,public", "{pg_catalog,public}")
+    with (
+        psycopg.connect(
+            any_proxy.dsn(options=options), autocommit=True, connect_timeout=10
+        ) as conn,
+        psycopg.connect(any_proxy.dsn(), autocommit=True, connect_timeout=10) as plain,
+    ):
+        for _ in range(3):
+            assert conn.execute(probe).fetchone() == expected
+            assert plain.execute(probe).fetchone() == ("0", '"$user", public', "{public}")
 
 
 def test_proxy_stops_cleanly_with_linked_clients(proxy_factory: Any, mode: str) -> None:
@@ -432,6 +475,13 @@ def test_asyncpg_fetch(any_proxy: RunningProxy) -> None:
             with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
                 await conn.fetchval("select 1 / $1::int", 0)
             assert await conn.fetchval("select 'after error'") == "after error"
+            # A timeout makes asyncpg send a CancelRequest (its own connection) and wait for
+            # the query to end; the connection stays usable.
+            started = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await conn.fetchval("select pg_sleep(20)", timeout=1)
+            assert time.monotonic() - started < 10
+            assert await conn.fetchval("select 'after cancel'") == "after cancel"
         finally:
             await conn.close()
 

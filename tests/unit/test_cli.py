@@ -42,9 +42,35 @@ def restore_logging():
     root.setLevel(level)
 
 
+class _FakeProxy:
+    """What cli needs of trioproxy._server.proxy.Proxy, around a fake ``serve``."""
+
+    serve = None
+
+    def __init__(self, config):
+        self.config = config
+        self.draining = False
+        self._scope = trio.CancelScope()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        with self._scope:
+            await type(self).serve(self.config, task_status=task_status)
+
+    def shutdown(self, timeout=None):
+        self.draining = True
+        self._scope.cancel()
+
+    def stop(self):
+        self._scope.cancel()
+
+    async def reload(self):
+        return []
+
+
 def fake_server(monkeypatch, serve):
     module = types.ModuleType("trioproxy._server.proxy")
     module.serve = serve  # type: ignore[attr-defined]
+    module.Proxy = type("Proxy", (_FakeProxy,), {"serve": staticmethod(serve)})  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "trioproxy._server.proxy", module)
 
 

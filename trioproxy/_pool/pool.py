@@ -55,9 +55,14 @@ class BackendPool:
         limits: PoolLimits,
         init_query: str = "",
         budget: ServerBudget | None = None,
+        backend_login: Callable[[], tuple[str, str | None] | None] | None = None,
     ) -> None:
         self.name = name
         self.target = target
+        #: Secrets rotate: when given, this returns the backend (user, password) in force
+        #: *now*, and every new server connection uses it instead of ``target``'s. Idle
+        #: and borrowed connections keep the login they were opened with.
+        self.backend_login = backend_login
         self.limits = limits
         self.init_query = init_query
         self.budget = budget if budget is not None else ServerBudget(limits)
@@ -149,7 +154,7 @@ class BackendPool:
         try:
             await self.budget.acquire(self)
             try:
-                conn = await connect_server(self.target, now=trio.current_time())
+                conn = await connect_server(self._current_target(), now=trio.current_time())
             except BaseException:
                 self.budget.release()
                 raise
@@ -169,6 +174,14 @@ class BackendPool:
         if self.server_parameters is None:
             self.server_parameters = dict(conn.parameters)
         return conn
+
+    def _current_target(self) -> BackendTarget:
+        """``target`` with the backend user and password in force now (see backend_login)."""
+        login = self.backend_login() if self.backend_login is not None else None
+        if login is None:
+            return self.target
+        user, password = login
+        return attrs.evolve(self.target, user=user, password=password)
 
     async def _learn_size(self, conn: ServerConnection) -> None:
         values = await conn.run(
@@ -247,6 +260,7 @@ class BackendPool:
                 if reset_session:
                     await conn.run("DISCARD ALL")
                     conn.extra_parameters.clear()
+                    conn.statements.clear()
                 reusable = conn.tx_status is TxStatus.IDLE
             except (TrioproxyError, TransportClosed, ProtocolError) as exc:
                 logger.info(

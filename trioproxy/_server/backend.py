@@ -31,6 +31,7 @@ from trioproxy._protocol.messages import (
     decode_backend,
 )
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
+from trioproxy._session.prepared import ServerStatements
 from trioproxy.errors import BackendError, ProtocolError
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class ServerConnection:
     tx_status: TxStatus = TxStatus.IDLE
     #: Unreported parameters the proxy SET on this connection for its current client.
     extra_parameters: dict[str, str] = attrs.field(factory=dict)
+    #: Protocol-level prepared statements this connection holds (shared server names).
+    statements: ServerStatements = attrs.field(factory=lambda: ServerStatements(100))
     #: Called exactly once when the connection closes (the pool's budget unit).
     on_close: Callable[[], None] | None = None
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
+from trioproxy._auth.md5 import md5_check
 from trioproxy._auth.scram import ScramServer
 from trioproxy._auth.sigv4 import TokenRejected, looks_like_auth_token, verify_auth_token
 from trioproxy._protocol.codes import Backend, Frontend, TxStatus
@@ -38,11 +39,13 @@ from trioproxy._protocol.framing import (
 )
 from trioproxy._protocol.messages import (
     AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
     AuthenticationOk,
     AuthenticationSASL,
     AuthenticationSASLContinue,
     AuthenticationSASLFinal,
     BackendKeyData,
+    Close,
     ParameterStatus,
     Parse,
     PasswordMessage,
@@ -61,15 +64,17 @@ from trioproxy._protocol.startup import (
     StartupPacket,
     parse_startup_packet,
 )
+from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_login, serve_admin
+from trioproxy._server.admission import peer_host
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
-    pin_reason_for_parse,
-    pin_reason_for_query,
 )
+from trioproxy._session.prepared import StatementMapper
+from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
-from trioproxy.config import IamAuth, PoolMode
+from trioproxy.config import ClientPasswordAuthType, IamAuth, PoolMode
 from trioproxy.errors import (
     AuthenticationFailed,
     BackendError,
@@ -98,6 +103,10 @@ class _LoginFailed(Exception):
 
 def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _parse_options(options: str) -> dict[str, str]:
@@ -144,7 +153,17 @@ class ClientSession:
         self.server: ServerConnection | None = None
         #: The session parameters this client has in force (name -> value).
         self.parameters: dict[str, str] = {}
-        self.pin_reason: str | None = None
+        self.session = SessionState(
+            exclude_variable_sets="EXCLUDE_VARIABLE_SETS"
+            in self.config.pool.session_pinning_filters
+        )
+        #: Untracked parameters this client has set (startup options, session SETs).
+        self.extra_parameters: dict[str, str] = {}
+        self._errors_checked = 0
+        #: This client's protocol-level prepared statements (virtualised in transaction mode).
+        self.statements = StatementMapper()
+        self._mapping = False
+        self._reset_server = False
         self.process_id = 0
         self.secret_key = b""
         self.scanner = StreamScanner(
@@ -231,6 +250,13 @@ class ClientSession:
             await self._send(startup.negotiate.encode())
         reader = MessageReader(max_message_size=8192)
         await self._authenticate(reader)
+        if self.database == ADMIN_DATABASE:
+            # The admin console: no server, no pool (trioproxy/_server/admin.py).
+            if not await admin_login(self):
+                raise _LoginFailed
+            self.admin_console = True
+            self._carry_over = reader.take_buffered() if reader.buffered else b""
+            return
         try:
             requested = self._requested_parameters(startup.parameters)
             self.pool = self.proxy.pool_for(self.database, self.user)
@@ -301,37 +327,89 @@ class ClientSession:
         return message.body
 
     async def _authenticate(self, reader: MessageReader) -> None:
+        # One snapshot of the credentials for the whole exchange: a secret refresh that
+        # swaps proxy.credentials meanwhile affects only later logins.
         store = self.proxy.credentials
         user = store.lookup(self.user)
         if user is not None and user.iam_auth is not IamAuth.DISABLED:
             await self._authenticate_iam(reader, user)
             return
-        scram = ScramServer(store.verifier_for(self.user))
-        await self._send(AuthenticationSASL(ScramServer.MECHANISMS).encode())
+        if user is not None and user.client_password_auth_type is ClientPasswordAuthType.MD5:
+            await self._authenticate_md5(reader, user)
+            return
+        # Over TLS, SCRAM-SHA-256-PLUS is offered with our certificate's binding data.
+        binding = self.proxy.channel_binding if self.transport.is_tls else None
+        scram = ScramServer(store.verifier_for(self.user), channel_binding=binding)
+        await self._send(AuthenticationSASL(scram.mechanisms).encode())
         try:
             initial = SASLInitialResponse.parse(await self._read_password_message(reader))
             server_first = scram.handle_client_first(initial.mechanism, initial.data)
             await self._send(AuthenticationSASLContinue(server_first).encode())
             final = SASLResponse.parse(await self._read_password_message(reader))
+            await self._throttle_answer()
             server_final = scram.handle_client_final(final.data)
             if store.lookup(self.user) is None:
                 raise AuthenticationFailed("unknown user")  # unreachable: mock never matches
         except AuthenticationFailed as exc:
             # Same answer for a wrong password and an unknown user: no enumeration.
+            await self._login_failed(
+                f'password authentication failed for user "{self.user}"', exc.message
+            )
+        except ProtocolError as exc:
+            # A broken or downgraded SCRAM exchange (e.g. channel binding claimed but not
+            # used) counts as a failed login too; run() answers it with its SQLSTATE.
             logger.info(
-                "client %d: authentication failed for user %r: %s", self.id, self.user, exc.message
+                "client %d: SCRAM exchange for user %r refused: %s", self.id, self.user, exc.message
             )
-            self.proxy.stats.failed_logins += 1
-            await self._fatal(
-                SQLState.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
-            )
-            raise _LoginFailed from None
+            self._count_failed_login()
+            raise
         await self._send(AuthenticationSASLFinal(server_final).encode())
+
+    async def _authenticate_md5(self, reader: MessageReader, user: UserCredentials) -> None:
+        """``client_password_auth_type = "md5"``: AuthenticationMD5Password with a fresh
+        random salt, checked against md5(password + user) in constant time."""
+        salt = secrets.token_bytes(4)
+        await self._send(AuthenticationMD5Password(salt).encode())
+        response = PasswordMessage.parse(await self._read_password_message(reader)).password
+        await self._throttle_answer()
+        stored = user.md5_verifier
+        if stored is None or not md5_check(stored, salt, response):
+            await self._login_failed(
+                f'password authentication failed for user "{self.user}"', "wrong password (md5)"
+            )
+
+    def _count_failed_login(self) -> None:
+        self.proxy.stats.failed_logins += 1
+        self.proxy.login_throttle.record_failure(
+            peer_host(self.transport.peer), trio.current_time()
+        )
+
+    async def _throttle_answer(self) -> None:
+        """Failed-login back-off: once this client's address has failed too often, wait
+        before *any* authentication answer (so the wait reveals nothing). Only this
+        client's task sleeps; client_login_timeout still bounds the whole login."""
+        delay = self.proxy.login_throttle.delay_for(
+            peer_host(self.transport.peer), trio.current_time()
+        )
+        if delay > 0:
+            logger.debug(
+                "client %d: authentication answer delayed %.2f s (failed logins from %s)",
+                self.id,
+                delay,
+                self.transport.peer,
+            )
+            await trio.sleep(delay)
 
     async def _login_failed(self, message: str, reason: str) -> NoReturn:
         """Refuse the login: the client gets ``message``, only the log gets ``reason``."""
-        logger.info("client %d: authentication failed for user %r: %s", self.id, self.user, reason)
-        self.proxy.stats.failed_logins += 1
+        logger.info(
+            "client %d: authentication failed for user %r from %s: %s",
+            self.id,
+            self.user,
+            self.transport.peer,
+            reason,
+        )
+        self._count_failed_login()
         await self._fatal(SQLState.INVALID_PASSWORD, message)
         raise _LoginFailed
 
@@ -348,6 +426,7 @@ class ClientSession:
         await self._send(AuthenticationCleartextPassword().encode())
         body = await self._read_password_message(reader)
         secret = PasswordMessage.parse(body).password.decode("utf-8", "surrogateescape")
+        await self._throttle_answer()
         policy = self.proxy.iam_policy
         if looks_like_auth_token(secret) and policy is not None:
             try:
@@ -436,8 +515,13 @@ class ClientSession:
         finally:
             self._give_back_server(clean=True)
 
-    extra_parameters: dict[str, str] = {}  # noqa: RUF012 - replaced per instance
     _carry_over: bytes = b""
+
+    @property
+    def pin_reason(self) -> str | None:
+        """Why this client holds its server connection across transactions, or None."""
+        reasons = self.session.reasons
+        return ", ".join(reasons) if reasons else None
 
     def _reported_parameters(self) -> dict[str, str]:
         assert self.pool is not None
@@ -450,22 +534,55 @@ class ClientSession:
     async def _sync_parameters(self, conn: ServerConnection) -> None:
         """Make the server connection's session parameters this client's (one round trip
         only when something differs)."""
-        statements: list[str] = []
+        # set_config takes the value as the server printed it (a list such as
+        # search_path '"$user", public' included), which SET name TO 'literal' does not.
+        changes: list[str] = []
         server_values = {k.lower(): v for k, v in conn.parameters.items()}
         for name, value in self.parameters.items():
             if server_values.get(name) != value:
-                statements.append(f"SET {name} TO {_quote_literal(value)}")
+                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
         applied: dict[str, str] = conn.extra_parameters
         for name, value in self.extra_parameters.items():
             if applied.get(name) != value:
-                statements.append(f"SET {name} TO {_quote_literal(value)}")
-        for name in list(applied):
-            if name not in self.extra_parameters:
-                statements.append(f"RESET {name}")
-        if not statements:
+                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
+        resets = [name for name in applied if name not in self.extra_parameters]
+        if not changes and not resets:
             return
+        statements = [f"RESET {_quote_ident(name)}" for name in resets]
+        if changes:
+            statements.append(  # every name and value went through _quote_literal
+                "SELECT pg_catalog.set_config(n, v, false) FROM (VALUES "  # noqa: S608
+                + ", ".join(changes)
+                + ") AS t(n, v)"
+            )
         await conn.run("; ".join(statements))
         conn.extra_parameters = dict(self.extra_parameters)
+
+    async def _read_back_parameters(self, conn: ServerConnection) -> None:
+        """After a transaction that SET untracked parameters: learn their values from the
+        server, to replay them on the next connection (instead of pinning)."""
+        session = self.session
+        if session.reset_all:
+            self.extra_parameters.clear()
+            conn.extra_parameters.clear()
+            session.reset_all = False
+        names = sorted(session.touched)
+        session.touched.clear()
+        if not names:
+            return
+        rows = ", ".join(
+            f"({i}, pg_catalog.current_setting({_quote_literal(name)}, true))"
+            for i, name in enumerate(names)
+        )
+        query = f"SELECT v FROM (VALUES {rows}) AS t(i, v) ORDER BY i"  # noqa: S608 - quoted
+        values = await conn.run(query)
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                self.extra_parameters.pop(name, None)
+                conn.extra_parameters.pop(name, None)
+            else:
+                self.extra_parameters[name] = value
+                conn.extra_parameters[name] = value
 
     # --- serving ----------------------------------------------------------------------
 
@@ -482,7 +599,12 @@ class ClientSession:
         tracker = self.tracker
         # A session that may hold state (session mode, or pinned) is reset with
         # DISCARD ALL before anyone else gets the connection.
-        reset_session = self._keep_linked()
+        reset_session = (
+            self.session.pinned
+            or self._reset_server
+            or self.config.pool.pool_mode is PoolMode.SESSION
+        )
+        self._reset_server = False
         at_boundary = (
             self.scanner.at_boundary
             and tracker.owed == 0
@@ -498,29 +620,43 @@ class ClientSession:
         self.tracker = TransactionTracker()
 
     def _keep_linked(self) -> bool:
-        return self.pin_reason is not None or self.config.pool.pool_mode is PoolMode.SESSION
+        """Asked at each transaction boundary: must the client keep its connection?"""
+        if self.session.pending:
+            errors_seen = self.tracker.errors != self._errors_checked
+            for reason in self.session.settle(errors_seen=errors_seen):
+                logger.info("client %d: unpinned: %s released", self.id, reason)
+        self._errors_checked = self.tracker.errors
+        return self.session.pinned or self.config.pool.pool_mode is PoolMode.SESSION
 
     def _on_client_message(self, type_: int, body: bytes | None) -> None:
-        if self.pin_reason is not None or body is None:
+        if body is None:
             return
-        reason: str | None = None
         try:
-            if type_ == Frontend.QUERY:
-                query = decode_frontend(Message(type_, body))
-                assert isinstance(query, Query)
-                reason = pin_reason_for_query(query.sql)
-            elif type_ == Frontend.PARSE:
-                parse = decode_frontend(Message(type_, body))
-                assert isinstance(parse, Parse)
-                reason = pin_reason_for_parse(parse.name) or pin_reason_for_query(parse.sql)
+            message = decode_frontend(Message(type_, body))
         except ProtocolError:
-            reason = "unparsable statement"
-        if reason is not None and self.config.pool.pool_mode is PoolMode.TRANSACTION:
-            self.pin_reason = reason
+            new = [r] if (r := self.session._pin("unparsable statement", None)) else []
+        else:
+            if isinstance(message, Query):
+                new = self.session.on_sql(message.sql)
+                if self.session.forgets_statements():
+                    # DISCARD ALL / DEALLOCATE ALL: the client's names are gone, and the
+                    # server connection's shared statements too (the pool resets it).
+                    self.statements.statements.clear()
+                    self._reset_server = True
+            elif isinstance(message, Parse):
+                # Virtualised (message mode) statements move freely: no pin.
+                name = "" if self._mapping else message.name
+                new = self.session.on_parse(name, message.sql)
+            elif isinstance(message, Close) and message.kind == b"S":
+                self.session.on_close_statement(message.name)
+                new = []
+            else:
+                new = []
+        if new and self.config.pool.pool_mode is PoolMode.TRANSACTION:
             logger.info(
                 "client %d: pinned to its server connection: %s (application_name=%r)",
                 self.id,
-                reason,
+                ", ".join(new),
                 self.application_name,
             )
 
@@ -529,15 +665,38 @@ class ClientSession:
         if name in TRACKED_PARAMETERS:
             self.parameters[name] = status.value
 
+    #: Set while the client is waited for between transactions; the proxy cancels it to
+    #: end an idle session at once when a graceful shutdown begins.
+    wait_scope: trio.CancelScope | None = None
+    #: Logged in to the admin console (database "trioproxy") rather than to a pool.
+    admin_console = False
+    #: Set by the admin console's KILL_CLIENT: close at the next transaction boundary.
+    kill_reason: str | None = None
+
     async def _serve(self) -> None:
+        if self.admin_console:
+            await serve_admin(self)
+            return
         pending = bytearray(self._carry_over)
         scanned: list[ScannedMessage] = list(self.scanner.feed(pending)) if pending else []
         skipping = False  # after an error the proxy answered itself: discard until Sync
-        idle_timeout = self.config.proxy.idle_client_timeout
         while True:
+            # Between transactions (never linked here): the clean moment to leave.
+            if self.proxy.draining or self.kill_reason is not None:
+                logger.info("client %d: closed by the administrator", self.id)
+                await self._fatal(SQLState.ADMIN_SHUTDOWN, self.kill_reason or SHUTDOWN_MESSAGE)
+                return
             if not scanned:
-                with trio.move_on_after(idle_timeout if idle_timeout > 0 else float("inf")) as idle:
-                    chunk = await self.transport.receive_some()
+                idle_timeout = self.config.proxy.idle_client_timeout
+                with trio.CancelScope() as wait:
+                    self.wait_scope = wait
+                    with trio.move_on_after(
+                        idle_timeout if idle_timeout > 0 else float("inf")
+                    ) as idle:
+                        chunk = await self.transport.receive_some()
+                self.wait_scope = None
+                if wait.cancelled_caught:
+                    continue  # woken by the proxy: see draining above
                 if idle.cancelled_caught:
                     logger.info("client %d: closed after idle_client_timeout", self.id)
                     await self._fatal(
@@ -559,10 +718,21 @@ class ClientSession:
                 del pending[:consumed]
                 scanned = [(t, b, e - consumed) for t, b, e in scanned if e > consumed]
                 continue
+            if self.proxy.is_paused(self.database):  # admin PAUSE: hold new transactions
+                await self.proxy.wait_resumed(self.database)
+                continue
             try:
-                conn = await self._borrow()
+                # A wait for a server connection ends, too, when a shutdown begins
+                # (borrow() is cancellation-safe; nothing was sent anywhere yet).
+                with trio.CancelScope() as wait:
+                    self.wait_scope = wait
+                    conn = await self._borrow()
+                self.wait_scope = None
+                if wait.cancelled_caught:
+                    continue
                 await self._sync_parameters(conn)
             except (BorrowTimeout, BackendError) as exc:
+                self.wait_scope = None
                 self._give_back_server(clean=True)
                 skipping, consumed = await self._answer_error(scanned, exc)
                 del pending[:consumed]
@@ -579,6 +749,13 @@ class ClientSession:
         self, conn: ServerConnection, data: bytes, messages: list[ScannedMessage]
     ) -> Outcome | None:
         """Run one linked period; None means the client goes on."""
+        linked = None
+        if self.config.pool.pool_mode is PoolMode.TRANSACTION and (
+            self.statements.statements or _has_named_parse(messages)
+        ):
+            conn.statements.capacity = self.config.pool.max_prepared_statements
+            linked = self.statements.link(conn.statements)
+        self._mapping = linked is not None
         relay = Relay(
             client=self.transport,
             server=conn,
@@ -591,12 +768,22 @@ class ClientSession:
             on_client_message=self._on_client_message,
             on_parameter_status=self._on_parameter_status,
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
+            statements=linked,
         )
-        outcome = await relay.run(data, messages)
+        try:
+            outcome = await relay.run(data, messages)
+        finally:
+            self._mapping = False
         self.proxy.stats.bytes_from_clients += relay.bytes_from_client
         self.proxy.stats.bytes_from_servers += relay.bytes_from_server
         if outcome is Outcome.RELEASE:
             self.transactions += 1
+            if self.session.touched or self.session.reset_all:
+                try:
+                    await self._read_back_parameters(conn)
+                except (BackendError, TransportClosed, ProtocolError) as exc:
+                    logger.warning("client %d: reading back parameters failed: %s", self.id, exc)
+                    conn.close()
             self._give_back_server(clean=True)
             return None
         if outcome is Outcome.CLIENT_GONE:
@@ -675,6 +862,10 @@ class ClientSession:
 
     def cancel_key_matches(self, secret_key: bytes) -> bool:
         return hmac.compare_digest(secret_key, self.secret_key)
+
+
+def _has_named_parse(messages: list[ScannedMessage]) -> bool:
+    return any(t == Frontend.PARSE and body and body[0] != 0 for t, body, _end in messages)
 
 
 def _lookup(parameters: Mapping[str, str], name: str) -> str | None:

@@ -21,26 +21,31 @@ import itertools
 import logging
 import secrets
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
+from trioproxy._auth.channel_binding import tls_server_end_point
 from trioproxy._auth.credentials import CredentialStore
 from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
-from trioproxy._pool.budget import PoolLimits, ServerBudget
+from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
 from trioproxy._pool.pool import BackendPool
 from trioproxy._protocol.messages import CancelRequest
+from trioproxy._server.admission import ClientFilter, LoginThrottle, peer_host
 from trioproxy._server.backend import BackendTarget
 from trioproxy._server.client import ClientSession
+from trioproxy._server.metrics import serve_metrics
+from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
-from trioproxy.config import BackendTLS, Config
-from trioproxy.errors import AuthenticationFailed, SQLState, TrioproxyError
+from trioproxy.config import BackendTLS, Config, load_config
+from trioproxy.errors import AuthenticationFailed, ConfigError, SQLState, TrioproxyError
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Iterator
+    from pathlib import Path
 
 logger = logging.getLogger("trioproxy")
 
@@ -49,10 +54,16 @@ _ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 @attrs.define
 class ProxyStats:
+    """Proxy-wide counters (monotonic); gauges are read from the live objects instead."""
+
     clients_accepted: int = 0
+    clients_closed: int = 0
     failed_logins: int = 0
     bytes_from_clients: int = 0
     bytes_from_servers: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    started_at: float = 0.0
 
 
 @attrs.frozen
@@ -66,11 +77,25 @@ class Proxy:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.credentials = CredentialStore(config.users)
+        # Users' secrets (secret_file / secret_arn) are read here; secrets.run() re-reads
+        # them and swaps self.credentials (see _server/secret_refresh.py).
+        self.secrets = SecretRefresher(config)
+        self.credentials = self.secrets.load_initial()
         proxy_config = config.proxy
+        self.client_filter = ClientFilter(proxy_config.allowed_client_cidrs)
+        self.login_throttle = LoginThrottle(
+            free_attempts=proxy_config.failed_login_free_attempts,
+            base_delay=proxy_config.failed_login_delay,
+            max_delay=proxy_config.failed_login_max_delay,
+            window=proxy_config.failed_login_window,
+        )
         self.tls_context: ssl.SSLContext | None = None
+        #: tls-server-end-point data of our certificate: clients on TLS are offered
+        #: SCRAM-SHA-256-PLUS with it. None without TLS or for Ed25519/Ed448 certificates.
+        self.channel_binding: bytes | None = None
         if proxy_config.tls_cert_file is not None and proxy_config.tls_key_file is not None:
             self.tls_context = server_context(proxy_config.tls_cert_file, proxy_config.tls_key_file)
+            self.channel_binding = tls_server_end_point(proxy_config.tls_cert_file.read_bytes())
         backend = config.backend
         self.backend_tls = backend_context(backend.backend_tls, backend.backend_tls_ca_file)
         self.pools: dict[tuple[str, str], BackendPool] = {}
@@ -104,6 +129,23 @@ class Proxy:
             if iam.endpoints
             else None
         )
+        self._init_operations()
+
+    # --- operations state (drain, pause, reload) --------------------------------------
+
+    def _init_operations(self) -> None:
+        #: True once a graceful shutdown began: no new clients, sessions leave at their
+        #: next transaction boundary.
+        self.draining = False
+        self._paused: set[str] | None = set()  # None: every database; else these
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._accept_scope = trio.CancelScope()
+        self._run_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        self._client_left = trio.Event()
+        self.metrics_addresses: list[ProxyAddress] = []
 
     # --- pools ------------------------------------------------------------------------
 
@@ -134,6 +176,9 @@ class Proxy:
             limits=self.limits,
             init_query=pool_config.init_query,
             budget=self.budget,
+            # Rotated secrets: each new server connection logs in with the backend user
+            # and password of the credentials in force at that moment.
+            backend_login=lambda: self.credentials.backend_login(user),
         )
         assert self._pool_nursery is not None
         self._pool_nursery.start_soon(pool.run)
@@ -151,6 +196,8 @@ class Proxy:
         return process_id, secrets.randbits(32)
 
     def forget_client(self, session: ClientSession) -> None:
+        self.stats.clients_closed += 1
+        self._client_left.set()
         self.clients.pop(session.id, None)
         if self._cancel_keys.get(session.process_id) is session:
             del self._cancel_keys[session.process_id]
@@ -191,6 +238,14 @@ class Proxy:
         logger.info("client %d: query cancelled on server connection %d", session.id, server.id)
 
     async def _run_client(self, sock: socket.socket, peer: str) -> None:
+        # The periodic secret refresh runs in the pools' nursery, started with the first
+        # client (idempotent: a no-op once running, or without secrets to refresh).
+        self.secrets.start_once(self._pool_nursery, self)
+        if not self.client_filter.allows(peer_host(peer)):
+            # Before any authentication work: not even the startup packet is read.
+            logger.info("client %s refused: address not in allowed_client_cidrs", peer)
+            sock.close()
+            return
         client_id = next(self._client_ids)
         over_limit = len(self.clients) >= self.config.proxy.max_client_connections
         session = ClientSession(self, Transport(sock, peer=peer), client_id, over_limit=over_limit)
@@ -199,7 +254,7 @@ class Proxy:
         await session.run()
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
+        while not self.draining:
             await trio.lowlevel.wait_readable(listener)
             try:
                 sock, address = listener.accept()
@@ -217,31 +272,291 @@ class Proxy:
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
             nursery.start_soon(self._run_client, sock, peer)
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[list[ProxyAddress]] = trio.TASK_STATUS_IGNORED
+    async def _accept_until_drained(
+        self, listeners: list[socket.socket], clients_nursery: trio.Nursery
     ) -> None:
-        listeners = open_listeners(self.config)
+        """The accept loops; they end (and the listening sockets close, so new
+        connections are refused at once) when a drain begins."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._pool_nursery = await nursery.start(_child_nursery)
-                clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
-                addresses: list[ProxyAddress] = []
-                for listener in listeners:
-                    host, port = listener.getsockname()[:2]
-                    addresses.append(ProxyAddress(host, port))
-                    nursery.start_soon(self._accept_loop, listener, clients_nursery)
-                logger.info(
-                    "trioproxy listening on %s (tls=%s, pool_mode=%s)",
-                    ", ".join(f"{a.host}:{a.port}" for a in addresses),
-                    "required"
-                    if self.config.proxy.require_tls
-                    else ("available" if self.tls_context else "off"),
-                    self.config.pool.pool_mode.value,
-                )
-                task_status.started(addresses)
+            with self._accept_scope:
+                async with trio.open_nursery() as nursery:
+                    for listener in listeners:
+                        nursery.start_soon(self._accept_loop, listener, clients_nursery)
         finally:
             for listener in listeners:
                 listener.close()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[ProxyAddress]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled, or until a drain (``drain()``, ``shutdown()``) ends."""
+        self.stats.started_at = trio.current_time()
+        listeners = open_listeners(self.config)
+        try:
+            with trio.CancelScope() as self._run_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._pool_nursery = await nursery.start(_child_nursery)
+                    clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
+                    addresses: list[ProxyAddress] = []
+                    for listener in listeners:
+                        host, port = listener.getsockname()[:2]
+                        addresses.append(ProxyAddress(host, port))
+                    nursery.start_soon(self._accept_until_drained, listeners, clients_nursery)
+                    metrics_listen = self.config.proxy.metrics_listen
+                    if metrics_listen is not None:
+                        self.metrics_addresses = await nursery.start(
+                            serve_metrics, self, metrics_listen.host, metrics_listen.port
+                        )
+                    logger.info(
+                        "trioproxy listening on %s (tls=%s, pool_mode=%s)",
+                        ", ".join(f"{a.host}:{a.port}" for a in addresses),
+                        "required"
+                        if self.config.proxy.require_tls
+                        else ("available" if self.tls_context else "off"),
+                        self.config.pool.pool_mode.value,
+                    )
+                    task_status.started(addresses)
+        finally:
+            for listener in listeners:
+                listener.close()
+            self._nursery = None
+            self._stopped.set()
+
+    # --- graceful shutdown --------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop accepting; idle clients are told FATAL 57P01 now, linked ones at their
+        next transaction boundary. Sync and idempotent."""
+        if self.draining:
+            return
+        self.draining = True
+        logger.info("shutting down: no new connections; %d clients to finish", self.open_clients)
+        self._accept_scope.cancel()
+        self._resumed.set()  # paused clients must not wait through a shutdown
+        for session in self.sessions():
+            scope = session.wait_scope
+            if scope is not None:
+                scope.cancel()
+
+    @property
+    def open_clients(self) -> int:
+        return self.stats.clients_accepted - self.stats.clients_closed
+
+    async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the deadline is the point
+        """Graceful shutdown: stop accepting, let transactions in flight finish for up to
+        *timeout* seconds (default ``shutdown_timeout``), then cancel whatever is left
+        and stop ``run()``. Returns once the proxy has stopped (or at once, if it never
+        ran)."""
+        if timeout is None:
+            timeout = self.config.proxy.shutdown_timeout
+        self.begin_drain()
+        with trio.move_on_after(timeout) as waited:
+            while self.open_clients > 0:
+                await self._client_left.wait()
+                self._client_left = trio.Event()
+        if waited.cancelled_caught:
+            logger.warning(
+                "shutdown_timeout (%g s) passed: closing %d clients still busy",
+                timeout,
+                self.open_clients,
+            )
+        else:
+            logger.info("all clients finished; stopping")
+        self.stop()
+        if self._run_scope is not None:
+            await self._stopped.wait()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Start ``drain(timeout)`` in the background (signal handlers, admin SHUTDOWN)."""
+        if self._nursery is None:
+            self.begin_drain()
+            return
+        self._nursery.start_soon(self.drain, timeout)
+
+    def stop(self) -> None:
+        """Stop at once: cancel every task of ``run()`` (clients are disconnected)."""
+        self.begin_drain()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    # --- pause ----------------------------------------------------------------------------
+
+    def is_paused(self, database: str) -> bool:
+        return self._paused is None or database in self._paused
+
+    def pause(self, database: str | None = None) -> None:
+        """Hold new transactions (all databases, or one) until ``resume()``."""
+        if database is None:
+            self._paused = None
+        elif self._paused is not None:
+            self._paused.add(database)
+        if self._resumed.is_set():
+            self._resumed = trio.Event()
+
+    def resume(self, database: str | None = None) -> None:
+        if database is None or self._paused is None:
+            self._paused = set()
+        else:
+            self._paused.discard(database)
+        if not self._paused:
+            self._resumed.set()
+
+    async def wait_resumed(self, database: str) -> None:
+        """Park while *database* is paused (never during a drain)."""
+        while self.is_paused(database) and not self.draining:
+            await self._resumed.wait()
+            if self.is_paused(database) and not self.draining:
+                await trio.sleep(0.05)  # another database was resumed, not ours
+
+    def linked_clients(self, database: str | None = None) -> int:
+        return sum(
+            1
+            for c in self.clients.values()
+            if c.server is not None and (database is None or c.database == database)
+        )
+
+    # --- live reload ----------------------------------------------------------------------
+
+    async def reload(self, config: Config | None = None) -> list[str]:
+        """Re-read the configuration file (or take *config*) and apply what can change
+        live: users and secrets, pool sizes, timeouts. Returns the notes logged (settings
+        that need a restart). A configuration that fails validation raises ConfigError and
+        leaves the running one in force."""
+        try:
+            if config is None:
+                source = self.config.source
+                if source is None:
+                    raise ConfigError("no configuration file to reload (embedded proxy)")
+                # Reading secret files and deriving SCRAM verifiers (PBKDF2) is slow.
+                new_config, credentials = await trio.to_thread.run_sync(
+                    _load_with_credentials, source, self.credentials
+                )
+            else:
+                new_config = config
+                _, credentials = await trio.to_thread.run_sync(
+                    _load_with_credentials, None, self.credentials, config
+                )
+            notes = self._apply_config(new_config, credentials)
+        except TrioproxyError as exc:
+            self.stats.reload_failures += 1
+            logger.error("reload failed, the running configuration stays: %s", exc.message)
+            raise
+        self.stats.reloads += 1
+        logger.info("configuration reloaded (%d users)", len(new_config.users))
+        for note in notes:
+            logger.warning("reload: %s", note)
+        return notes
+
+    def _apply_config(self, new: Config, credentials: CredentialStore) -> list[str]:
+        """Swap in *new* (sync: nothing can interleave). Settings that cannot change live
+        keep their running values and are reported."""
+        old = self.config
+        notes: list[str] = []
+        keep_proxy: dict[str, Any] = {}
+        for key in _RESTART_PROXY_KEYS:
+            if getattr(new.proxy, key) != getattr(old.proxy, key):
+                notes.append(f"[proxy] {key} changed: requires restart")
+                keep_proxy[key] = getattr(old.proxy, key)
+        keep_backend: dict[str, Any] = {}
+        for key in _RESTART_BACKEND_KEYS:
+            if getattr(new.backend, key) != getattr(old.backend, key):
+                notes.append(f"[backend] {key} changed: requires restart")
+                keep_backend[key] = getattr(old.backend, key)
+        pool_mode = new.pool.pool_mode
+        if pool_mode is not old.pool.pool_mode:
+            notes.append("[pool] pool_mode changed: requires restart")
+            pool_mode = old.pool.pool_mode
+        for key in ("server_lifetime", "server_idle_timeout"):
+            if getattr(new.pool, key) != getattr(old.pool, key):
+                notes.append(f"[pool] {key} changed: applies to pools created from now on")
+        effective = attrs.evolve(
+            new,
+            proxy=attrs.evolve(new.proxy, **keep_proxy),
+            backend=attrs.evolve(new.backend, **keep_backend),
+            pool=attrs.evolve(new.pool, pool_mode=pool_mode),
+            source=new.source or old.source,
+        )
+        self.config = effective
+        self.credentials = credentials
+        iam = effective.iam
+        self.iam_keys = {
+            key_id: AccessKey(
+                access_key_id=key_id,
+                secret_access_key=key.secret_access_key,
+                allowed_users=key.allowed_users,
+            )
+            for key_id, key in iam.keys.items()
+        }
+        self.iam_policy = (
+            TokenPolicy(
+                endpoints=iam.endpoints, regions=iam.regions, max_clock_skew=iam.max_clock_skew
+            )
+            if iam.endpoints
+            else None
+        )
+        # Timeouts: every session reads its config at the point of use.
+        for session in self.sessions():
+            session.config = effective
+        self._apply_limits(effective)
+        for (_database, user), pool in list(self.pools.items()):
+            pool.init_query = effective.pool.init_query
+            user_credentials = credentials.lookup(user)
+            if user_credentials is not None:
+                pool.target = attrs.evolve(
+                    pool.target,
+                    user=user_credentials.backend_user,
+                    password=user_credentials.backend_password,
+                    connect_timeout=effective.backend.connect_timeout,
+                )
+        return notes
+
+    def _apply_limits(self, config: Config) -> None:
+        pool_config = config.pool
+        limits = PoolLimits(
+            max_connections=pool_config.max_connections,
+            max_connections_percent=pool_config.max_connections_percent,
+            max_idle_connections_percent=pool_config.max_idle_connections_percent,
+            server_lifetime=pool_config.server_lifetime,
+            server_idle_timeout=pool_config.server_idle_timeout,
+        )
+        if limits == self.limits:
+            return
+        self.limits = limits
+        budget = self.budget
+        budget.limits = limits
+        if limits.max_connections > 0 or budget.server_max is not None:
+            budget.cap, budget.max_idle = derive_max_size(limits, budget.server_max or 1)
+            budget.sized = True
+        else:
+            budget.sized = False  # the next new server connection reads max_connections
+        logger.info(
+            "pool limits now: %d server connections in all, %d idle per pool",
+            budget.cap,
+            budget.max_idle,
+        )
+        for member in budget.members():
+            member.resize(budget.cap, budget.max_idle)
+        budget.poke()
+
+
+#: Settings that need a restart (bound sockets, loaded certificates, the server address).
+_RESTART_PROXY_KEYS = ("listen", "tls_cert_file", "tls_key_file", "metrics_listen")
+_RESTART_BACKEND_KEYS = ("host", "port", "backend_tls", "backend_tls_ca_file")
+
+
+def _load_with_credentials(
+    source: Path | None, previous: CredentialStore, config: Config | None = None
+) -> tuple[Config, CredentialStore]:
+    """(In a worker thread) read the file unless *config* is given; derive verifiers,
+    reusing those of unchanged passwords."""
+    if config is None:
+        assert source is not None
+        config = load_config(source)
+    try:
+        return config, CredentialStore(config.users, previous=previous)
+    except ValueError as exc:
+        raise ConfigError(f"{source or '<config>'}: {exc}") from None
 
 
 async def _child_nursery(

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from trioproxy._server.backend import ServerConnection
+    from trioproxy._session.prepared import LinkedMapper
     from trioproxy._session.tracker import TransactionTracker
 
 logger = logging.getLogger("trioproxy.relay")
@@ -72,6 +73,7 @@ class Relay:
         on_client_message: Callable[[int, bytes | None], None],
         on_parameter_status: Callable[[ParameterStatus], None],
         idle_in_transaction_timeout: float,
+        statements: LinkedMapper | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -82,6 +84,11 @@ class Relay:
         self._on_client_message = on_client_message
         self._on_parameter_status = on_parameter_status
         self._idle_in_tx = idle_in_transaction_timeout
+        #: Message mode: prepared statements are renamed/injected, so bytes are
+        #: forwarded whole messages at a time (partial tails held back).
+        self._statements = statements
+        self._client_tail = b""
+        self._server_tail = b""
         self._to_server_busy = False
         self._to_client_busy = False
         self._outcome: Outcome | None = None
@@ -102,6 +109,7 @@ class Relay:
         if (
             self.tracker.releasable
             and self.client_scanner.at_boundary
+            and (self._statements is None or self._statements.idle)
             and not self._to_server_busy
             and not self._to_client_busy
             and not self._keep_linked()
@@ -143,6 +151,9 @@ class Relay:
             # Everything before Terminate still goes to the server; Terminate (the last
             # message a client may send) does not: the pool keeps the connection.
             chunk = chunk[: terminate_end - len(_TERMINATE)]
+            messages = [m for m in messages if m[2] <= terminate_end - len(_TERMINATE)]
+        if self._statements is not None:
+            chunk = self._translate_client(chunk, messages)
         if chunk:
             self._to_server_busy = True
             try:
@@ -157,6 +168,34 @@ class Relay:
             self._finish(Outcome.CLIENT_GONE)
             return
         self._maybe_finish()
+
+    def _translate_client(self, chunk: bytes, messages: Sequence[ScannedMessage]) -> bytes:
+        mapper = self._statements
+        assert mapper is not None
+        out: list[bytes] = []
+        start = 0
+        tail = self._client_tail
+        for type_, _body, end in messages:
+            raw = tail + chunk[start:end]
+            tail = b""
+            out.append(mapper.client_message(type_, raw[5:], raw))
+            start = end
+        self._client_tail = tail + chunk[start:]
+        return b"".join(out)
+
+    def _translate_server(self, chunk: bytes, messages: Sequence[ScannedMessage]) -> bytes:
+        mapper = self._statements
+        assert mapper is not None
+        out: list[bytes] = []
+        start = 0
+        tail = self._server_tail
+        for type_, _body, end in messages:
+            raw = tail + chunk[start:end]
+            tail = b""
+            out.append(mapper.server_message(type_, raw))
+            start = end
+        self._server_tail = tail + chunk[start:]
+        return b"".join(out)
 
     def _arm_idle_in_transaction(self) -> None:
         """Start the idle-in-transaction clock when the server has answered everything
@@ -205,7 +244,8 @@ class Relay:
                 self._finish(Outcome.SERVER_FAILED, "server closed the connection unexpectedly")
                 return
             try:
-                for type_, body, _end in self.server_scanner.feed(chunk):
+                scanned = self.server_scanner.feed(chunk)
+                for type_, body, _end in scanned:
                     self.tracker.server_message(type_, body)
                     if type_ == Backend.PARAMETER_STATUS and body is not None:
                         status = decode_backend(Message(type_, body))
@@ -216,9 +256,12 @@ class Relay:
                 transport.broken = True
                 self._finish(Outcome.SERVER_FAILED, f"protocol error from server: {exc.message}")
                 return
+            if self._statements is not None:
+                chunk = self._translate_server(chunk, scanned)
             self._to_client_busy = True
             try:
-                await self.client.send_all(chunk)
+                if chunk:
+                    await self.client.send_all(chunk)
             except TransportClosed:
                 self._finish(Outcome.CLIENT_GONE)
                 return
@@ -231,5 +274,5 @@ class Relay:
 
 
 SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})
-CLIENT_INSPECT = frozenset({Frontend.QUERY, Frontend.PARSE})
+CLIENT_INSPECT = frozenset({Frontend.QUERY, Frontend.PARSE, Frontend.CLOSE})
 CONNECTION_FAILURE = SQLState.CONNECTION_FAILURE

@@ -8,8 +8,10 @@ statement does (docs/pinning.md has the full table).
 
 Rules.
 
-1. When unsure, pin. A statement the scanner cannot parse, an unterminated quote or comment,
-   or a session SET of a parameter the proxy does not replay, all pin. Correct beats clever.
+1. When unsure, pin. A statement the scanner cannot parse, a session SET of a parameter the
+   proxy does not replay, and an unterminated quote or comment whose text could hide a
+   statement all pin; so does text that pins under either setting of
+   standard_conforming_strings. Correct beats clever.
 2. Reported parameters (``TRACKED_PARAMETERS``: application_name, TimeZone, ...) do not pin:
    the server announces their changes with ParameterStatus and the proxy replays them on
    whichever connection serves the client next.
@@ -63,6 +65,14 @@ _CACHED_TEXT_MAX: Final = 4096
 UNTERMINATED: Final = "unterminated quote or comment"
 
 
+def _may_pin(sql: str) -> bool:
+    """Could any reading of ``sql`` hold a statement that pins? (Cheap: no lexing.)"""
+    if "&" in sql:
+        return True
+    lowered = sql.lower()
+    return any(word in lowered for word in _TRIGGERS)
+
+
 def pin_reason(effect: StatementEffect, *, exclude_variable_sets: bool = False) -> str | None:
     """The pinning policy for one classified statement: why it pins, or None.
 
@@ -97,7 +107,9 @@ def _reason_in(
     sql: str, standard_conforming_strings: bool, exclude_variable_sets: bool
 ) -> str | None:
     for statement in split_statements(sql, standard_conforming_strings=standard_conforming_strings):
-        if statement.incomplete:
+        if statement.incomplete and _may_pin(statement.source[statement.start :]):
+            # PostgreSQL rejects the whole query string, but if this lexer disagrees with
+            # the server about where a quote ends, the rest may hold a real statement.
             return UNTERMINATED
         reason = pin_reason(classify(statement), exclude_variable_sets=exclude_variable_sets)
         if reason is not None:
@@ -117,13 +129,6 @@ def _pin_reason_unfiltered(sql: str, exclude_variable_sets: bool = False) -> str
 
 
 _pin_reason_cached: Final = functools.lru_cache(maxsize=1024)(_pin_reason_unfiltered)
-
-
-def _may_pin(sql: str) -> bool:
-    if "&" in sql:
-        return True
-    lowered = sql.lower()
-    return any(word in lowered for word in _TRIGGERS)
 
 
 def pin_reason_for_query(sql: str, *, exclude_variable_sets: bool = False) -> str | None:

@@ -1,8 +1,10 @@
 """A sans-IO SQL scanner: split a query string into statements and say what each one does
 to the server *session*.
 
-[core] Pure functions over ``str``. No trio, socket, ssl or clock; nothing here blocks,
-allocates per byte, or raises on any input.
+[core] Pure functions over ``str``: no trio, socket, ssl or clock, and no input makes them
+raise. The cost is linear in the text: one regex match per significant token (whole string
+literals, quoted identifiers and dollar quotes are single matches), and about a microsecond
+of Python per token.
 
 Why a lexer. Transaction pooling must know when a client's statement leaves state in the
 session (a temp table, LISTEN, a prepared statement, a session SET, ...). Words inside string
@@ -124,10 +126,9 @@ def _token_pattern(plain_string_body: str) -> re.Pattern[str]:
 
     The common tokens come first (words, then punctuation). A word may not start a prefixed
     string (``E'...'`` is a string, not the identifier ``e``; ``word`` is greedy, so
-    ``type'...'`` stays the word ``type`` and then a string). The ``open`` and
-    ``unterminated`` alternatives catch an opening quote whose token never ends; they come
-    after the complete forms. No token starts with ``--``: the skip after the previous
-    token has eaten it.
+    ``type'...'`` stays the word ``type`` and then a string). The ``open`` alternative
+    catches an opening quote whose token never ends; it comes after the complete forms.
+    No token starts with ``--``: the skip after the previous token has eaten it.
     """
     return re.compile(
         rf"""

@@ -53,6 +53,8 @@ class TransactionTracker:
     tx_status: TxStatus = TxStatus.IDLE
     #: The server switched to COPY BOTH (replication): never release.
     copy_both: bool = False
+    #: ErrorResponses seen (the session ledger trusts no unpin across an error).
+    errors: int = 0
 
     def client_message(self, type_: int) -> None:
         if type_ in ANSWERED_BY_READY:
@@ -81,6 +83,8 @@ class TransactionTracker:
             self.server_ready(status)
         elif type_ == Backend.COPY_BOTH_RESPONSE:
             self.copy_both = True
+        elif type_ == Backend.ERROR_RESPONSE:
+            self.errors += 1
 
     @property
     def in_transaction(self) -> bool:

@@ -65,6 +65,18 @@ class ProxyThread:
         if self._error is not None:
             raise RuntimeError("proxy failed to start") from self._error
 
+    def drain(self, timeout: float | None = None) -> None:
+        """Graceful shutdown (as SIGTERM); returns when the proxy has stopped."""
+        assert self._token is not None and self.proxy is not None
+        with suppress(trio.RunFinishedError):
+            trio.from_thread.run(self.proxy.drain, timeout, trio_token=self._token)
+        self._thread.join(30)
+
+    def reload(self, config: Config | None = None) -> list[str]:
+        """Re-read the configuration file (or apply *config*), as SIGHUP does."""
+        assert self._token is not None and self.proxy is not None
+        return trio.from_thread.run(self.proxy.reload, config, trio_token=self._token)
+
     def stop(self, timeout: float = 30) -> None:
         if self._token is not None and self._scope is not None:
             scope = self._scope

@@ -1,0 +1,110 @@
+"""Protocol-level prepared statements in transaction mode, shared without pinning."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import ssl
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+TRANSACTION = {"pool_mode": "transaction"}
+
+
+def test_asyncpg_statement_cache_50_clients_on_2_server_connections(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 2})
+    context = ssl.create_default_context(cafile=str(proxy.tls.ca_cert))
+
+    async def client(n: int) -> int:
+        conn = await asyncpg.connect(
+            host="localhost",
+            port=proxy.port,
+            user="app",
+            password="app-secret",
+            database="app",
+            ssl=context,
+        )
+        try:
+            total = 0
+            for i in range(10):
+                total += await conn.fetchval("select $1::int + $2::int", n, i)
+                row = await conn.fetchrow("select $1::text as t, $2::int * 2 as d", f"c{n}", i)
+                assert row["t"] == f"c{n}"
+                assert row["d"] == i * 2
+            async with conn.transaction():
+                assert await conn.fetchval("select count(*) from generate_series(1, $1)", n) == n
+            return total
+        finally:
+            await conn.close()
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(client(n) for n in range(50)))
+
+    results = asyncio.run(asyncio.wait_for(main(), 120))
+    assert results == [n * 10 + 45 for n in range(50)]
+    assert proxy.proxy.pinned_count() == 0
+    stats = [pool.statistics() for pool in proxy.proxy.pools.values()]
+    assert sum(s.total_opened for s in stats) <= 2
+
+
+def test_psycopg_prepare_threshold_zero(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 1})
+    a = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)
+    b = psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0)
+    try:
+        for i in range(20):
+            assert a.execute("select %s::int * 3", (i,)).fetchone() == (i * 3,)
+            assert b.execute("select %s::text || 'b'", (str(i),)).fetchone() == (f"{i}b",)
+            assert b.execute("select %s::int * 3", (i,)).fetchone() == (i * 3,)
+        assert proxy.proxy.pinned_count() == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_statement_errors_do_not_confuse_the_mapping(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 1})
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            conn.execute("select * from no_such_table where x = %s", (1,))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("select 1 / %s::int", (0,))
+        assert conn.execute("select 1 / %s::int", (1,)).fetchone() == (1,)
+        assert conn.execute("select %s::int + 1", (1,)).fetchone() == (2,)
+
+
+def test_small_statement_cache_evicts_and_reprepares(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 1, "max_prepared_statements": 2})
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for round_ in range(3):
+            for k in range(5):
+                query = f"select %s::int + {k}"
+                assert conn.execute(query, (round_,)).fetchone() == (round_ + k,)
+    assert proxy.proxy.pinned_count() == 0
+
+
+def test_pgbench_prepared_50_clients_on_a_pool_of_5(proxy_factory, pg) -> None:
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 5})
+    env = {**os.environ, **proxy.env()}
+    pgbench = shutil.which("pgbench") or "pgbench"
+    subprocess.run(
+        [pgbench, "-i", "-s", "1", "-q"], env=env, check=True, capture_output=True, timeout=120
+    )
+    proc = subprocess.run(
+        [pgbench, "-M", "prepared", "-c", "50", "-j", "2", "-t", "20", "-S"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "number of transactions actually processed: 1000/1000" in proc.stdout
+    failed = re.search(r"number of failed transactions: (\d+)", proc.stdout)
+    assert failed is None or failed.group(1) == "0"
+    assert proxy.proxy.pinned_count() == 0
