@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 pytest_plugins: list[str] = [
     "tests.fix_pg",
     "tests.fix_proxy",
+    "tests.fix_node",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parent

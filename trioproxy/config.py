@@ -125,6 +125,7 @@ class ProxyConfig:
     debug_logging: bool = False
     log_format: LogFormat = LogFormat.TEXT
     shutdown_timeout: float = 30.0
+    notify_on_pin: bool = False
     #: Clients must come from one of these networks; None = from anywhere.
     allowed_client_cidrs: tuple[IPNetwork, ...] | None = None
     #: Seconds between re-reads of secret_file / secret_arn secrets; 0 = never.
@@ -533,6 +534,7 @@ _PROXY_KEYS: Final[Mapping[str, _Check]] = {
     "debug_logging": _boolean,
     "log_format": _enum(LogFormat),
     "shutdown_timeout": _number(0),
+    "notify_on_pin": _boolean,
     "allowed_client_cidrs": _cidrs,
     "secret_refresh_interval": _number(0),
     "aws_endpoint_url": _url,

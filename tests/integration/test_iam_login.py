@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 
+from tests.fix_node import run_node
 from tests.fix_pg import APP_PASSWORD
 from tests.fix_proxy import PROXY_USERS
 from trioproxy._auth.sigv4 import AccessKey, generate_auth_token
@@ -26,7 +23,6 @@ from trioproxy._auth.sigv4 import AccessKey, generate_auth_token
 KEY_ID = "AKIATRIOPROXYTEST01"
 SECRET = "test-secret-access-key-not-a-real-one"
 REGION = "us-east-1"
-NPM_PACKAGES = ["pg@^8", "@aws-sdk/rds-signer@^3"]
 
 
 def _free_port() -> int:
@@ -208,47 +204,14 @@ exports.handler = async (event) => {
 """
 
 
-def _npm_prefix() -> Path:
-    return Path(sys.prefix) / "npm-lambda"
-
-
-@pytest.fixture(scope="module")
-def lambda_node_modules() -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    if node is None or npm is None:
-        if in_ci:
-            pytest.fail("node and npm are needed for the Lambda handler test")
-        pytest.skip("node and npm are needed for the Lambda handler test")
-    prefix = _npm_prefix()
-    if (
-        not (prefix / "node_modules" / "pg").is_dir()
-        or not (prefix / "node_modules" / "@aws-sdk" / "rds-signer").is_dir()
-    ):
-        if not in_ci and os.environ.get("TRIOPROXY_NPM_INSTALL") != "1":
-            pytest.skip("set TRIOPROXY_NPM_INSTALL=1 (or CI=true) to npm-install pg and rds-signer")
-        subprocess.run(
-            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", *NPM_PACKAGES],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return prefix
-
-
-def test_seed_lambda_handler_through_the_proxy(iam_proxy, lambda_node_modules, tmp_path) -> None:
+def test_seed_lambda_handler_through_the_proxy(iam_proxy, node_modules, tmp_path) -> None:
     with psycopg.connect(iam_proxy.dsn(), autocommit=True) as setup:
         setup.execute("drop table if exists orders")
         setup.execute("create table orders (id int primary key, item text, total numeric)")
         setup.execute(
             "insert into orders values (1, 'coffee', 12.50), (2, 'tea', 7.00), (3, 'mug', 9.90)"
         )
-    script = tmp_path / "handler.js"
-    script.write_text(LAMBDA_HANDLER)
     env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "NODE_PATH": str(lambda_node_modules / "node_modules"),
         "PROXY_HOST": "localhost",
         "PROXY_PORT": str(iam_proxy.port),
         "PROXY_CA": str(iam_proxy.tls.ca_cert),
@@ -256,11 +219,8 @@ def test_seed_lambda_handler_through_the_proxy(iam_proxy, lambda_node_modules, t
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    proc = subprocess.run(
-        ["node", str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_node(LAMBDA_HANDLER, node_modules, env, tmp_path)
+    rows = json.loads(stdout.strip().splitlines()[-1])
     assert [(r["id"], r["item"], r["total"]) for r in rows] == [
         (1, "coffee", "12.50"),
         (2, "tea", "7.00"),

@@ -108,3 +108,46 @@ def test_pgbench_prepared_50_clients_on_a_pool_of_5(proxy_factory, pg) -> None:
     failed = re.search(r"number of failed transactions: (\d+)", proc.stdout)
     assert failed is None or failed.group(1) == "0"
     assert proxy.proxy.pinned_count() == 0
+
+
+NODE_NAMED_QUERIES = r"""
+const fs = require('fs');
+const { Client } = require('pg');
+(async () => {
+  const clients = [];
+  for (let c = 0; c < 20; c++) {
+    clients.push((async () => {
+      const client = new Client({
+        host: 'localhost', port: Number(process.env.PROXY_PORT), database: 'app',
+        user: 'app', password: 'app-secret',
+        ssl: { rejectUnauthorized: true, ca: fs.readFileSync(process.env.PROXY_CA) },
+      });
+      await client.connect();
+      let sum = 0;
+      for (let i = 0; i < 10; i++) {
+        const r = await client.query(
+          { name: 'double-it', text: 'select $1::int * 2 as v', values: [c * 100 + i] });
+        sum += r.rows[0].v;
+        const t = await client.query(
+          { name: 'tag-it', text: 'select $1::text as t', values: ['c' + c] });
+        if (t.rows[0].t !== 'c' + c) throw new Error('wrong row: ' + t.rows[0].t);
+      }
+      await client.end();
+      return sum;
+    })());
+  }
+  console.log(JSON.stringify(await Promise.all(clients)));
+})().catch((err) => { console.error(err); process.exit(1); });
+"""
+
+
+def test_node_postgres_named_queries(proxy_factory, node_modules, tmp_path) -> None:
+    import json
+
+    from tests.fix_node import run_node
+
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 2})
+    env = {"PROXY_PORT": str(proxy.port), "PROXY_CA": str(proxy.tls.ca_cert)}
+    sums = json.loads(run_node(NODE_NAMED_QUERIES, node_modules, env, tmp_path).splitlines()[-1])
+    assert sums == [sum(2 * (c * 100 + i) for i in range(10)) for c in range(20)]
+    assert proxy.proxy.pinned_count() == 0

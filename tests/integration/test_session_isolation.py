@@ -127,3 +127,21 @@ def test_advisory_lock_pins_until_unlock_all(pair) -> None:
     assert pinned_soon(proxy, 0)
     assert one(b, "select pg_try_advisory_lock(4242)") is True
     b.execute("select pg_advisory_unlock_all()")
+
+
+def test_pin_is_logged_counted_and_optionally_noticed(proxy_factory, caplog) -> None:
+    proxy = proxy_factory(pool=ONE, proxy={"notify_on_pin": True})
+    notices: list[str] = []
+    with psycopg.connect(proxy.dsn(application_name="pinny"), autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        conn.execute("create temp table t_pin as select 'top-secret-literal' as s")
+        conn.execute("select 1")
+        assert any("pinned to its server connection (temporary object)" in n for n in notices)
+        assert pinned_soon(proxy, 1)
+    lines = [r.getMessage() for r in caplog.records if "pinned to its server" in r.getMessage()]
+    assert len(lines) == 1
+    assert "temporary object" in lines[0]
+    assert "pinny" in lines[0]
+    assert "create temp table t_pin as select ? as s" in lines[0]
+    assert "top-secret-literal" not in lines[0]
+    assert proxy.proxy.stats.pins == {"temporary object": 1}

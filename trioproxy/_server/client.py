@@ -46,6 +46,7 @@ from trioproxy._protocol.messages import (
     AuthenticationSASLFinal,
     BackendKeyData,
     Close,
+    NoticeResponse,
     ParameterStatus,
     Parse,
     PasswordMessage,
@@ -164,6 +165,7 @@ class ClientSession:
         self.statements = StatementMapper()
         self._mapping = False
         self._reset_server = False
+        self._relay_in_progress: Relay | None = None
         self.process_id = 0
         self.secret_key = b""
         self.scanner = StreamScanner(
@@ -623,7 +625,9 @@ class ClientSession:
         """Asked at each transaction boundary: must the client keep its connection?"""
         if self.session.pending:
             errors_seen = self.tracker.errors != self._errors_checked
+            unpins = self.proxy.stats.unpins
             for reason in self.session.settle(errors_seen=errors_seen):
+                unpins[reason] = unpins.get(reason, 0) + 1
                 logger.info("client %d: unpinned: %s released", self.id, reason)
         self._errors_checked = self.tracker.errors
         return self.session.pinned or self.config.pool.pool_mode is PoolMode.SESSION
@@ -653,11 +657,34 @@ class ClientSession:
             else:
                 new = []
         if new and self.config.pool.pool_mode is PoolMode.TRANSACTION:
-            logger.info(
-                "client %d: pinned to its server connection: %s (application_name=%r)",
-                self.id,
-                ", ".join(new),
-                self.application_name,
+            self._pinned(new)
+
+    def _pinned(self, reasons: list[str]) -> None:
+        """Tell users why (RDS Proxy only says so in debug logs): one log line per new pin,
+        counters by reason, and optionally a NOTICE to the client."""
+        pins = self.proxy.stats.pins
+        for reason in reasons:
+            pins[reason] = pins.get(reason, 0) + 1
+        statement = self.session.last_pin_statement
+        logger.info(
+            "client %d: pinned to its server connection: %s (user=%s, application_name=%r, "
+            "statement=%r)",
+            self.id,
+            ", ".join(reasons),
+            self.user,
+            self.application_name,
+            statement,
+        )
+        if self.config.proxy.notify_on_pin and self._relay_in_progress is not None:
+            self._relay_in_progress.notice_to_client(
+                NoticeResponse.build(
+                    "01000",
+                    f"trioproxy: this session is pinned to its server connection "
+                    f"({', '.join(reasons)})",
+                    severity="NOTICE",
+                    detail="Transaction pooling is off for this client until the session "
+                    "state is released (see docs/pinning.md).",
+                ).encode()
             )
 
     def _on_parameter_status(self, status: ParameterStatus) -> None:
@@ -756,7 +783,7 @@ class ClientSession:
             conn.statements.capacity = self.config.pool.max_prepared_statements
             linked = self.statements.link(conn.statements)
         self._mapping = linked is not None
-        relay = Relay(
+        relay = self._relay_in_progress = Relay(
             client=self.transport,
             server=conn,
             tracker=self.tracker,
@@ -774,6 +801,7 @@ class ClientSession:
             outcome = await relay.run(data, messages)
         finally:
             self._mapping = False
+            self._relay_in_progress = None
         self.proxy.stats.bytes_from_clients += relay.bytes_from_client
         self.proxy.stats.bytes_from_servers += relay.bytes_from_server
         if outcome is Outcome.RELEASE:

@@ -64,6 +64,9 @@ class ProxyStats:
     reloads: int = 0
     reload_failures: int = 0
     started_at: float = 0.0
+    #: pin reason -> times a client was pinned / unpinned for it
+    pins: dict[str, int] = attrs.field(factory=dict)
+    unpins: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.frozen

@@ -89,6 +89,9 @@ class Relay:
         self._statements = statements
         self._client_tail = b""
         self._server_tail = b""
+        #: A message of the proxy's own for the client, sent at the next message boundary
+        #: of the server stream (the server->client pump is the client's only writer).
+        self._notice = b""
         self._to_server_busy = False
         self._to_client_busy = False
         self._outcome: Outcome | None = None
@@ -169,6 +172,9 @@ class Relay:
             return
         self._maybe_finish()
 
+    def notice_to_client(self, message: bytes) -> None:
+        self._notice += message
+
     def _translate_client(self, chunk: bytes, messages: Sequence[ScannedMessage]) -> bytes:
         mapper = self._statements
         assert mapper is not None
@@ -243,6 +249,7 @@ class Relay:
                 transport.broken = True
                 self._finish(Outcome.SERVER_FAILED, "server closed the connection unexpectedly")
                 return
+            at_boundary = self.server_scanner.at_boundary
             try:
                 scanned = self.server_scanner.feed(chunk)
                 for type_, body, _end in scanned:
@@ -258,6 +265,9 @@ class Relay:
                 return
             if self._statements is not None:
                 chunk = self._translate_server(chunk, scanned)
+                at_boundary = True  # message mode forwards whole messages only
+            if self._notice and at_boundary:
+                chunk, self._notice = self._notice + chunk, b""
             self._to_client_busy = True
             try:
                 if chunk:

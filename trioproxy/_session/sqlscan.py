@@ -889,6 +889,21 @@ def classify(statement: Statement) -> StatementEffect:
     return effect
 
 
+def fingerprint(statement: Statement, *, limit: int = 200) -> str:
+    """The statement with every literal replaced by ``?``: safe to log (no values, no
+    secrets typed in a query), stable across executions."""
+    parts: list[str] = []
+    for token in statement.tokens:
+        if token.kind is TokenKind.LITERAL:
+            parts.append("?")
+        elif token.kind is TokenKind.IDENT:
+            parts.append('"' + token.text.replace('"', '""') + '"')
+        else:
+            parts.append(token.text)
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def scan(sql: str, *, standard_conforming_strings: bool = True) -> list[StatementEffect]:
     """The effect of every statement in ``sql`` (``split_statements`` then ``classify``)."""
     return [

@@ -34,6 +34,7 @@ from trioproxy._session.sqlscan import (
     PinReason,
     StateKind,
     classify,
+    fingerprint,
     split_statements,
 )
 
@@ -75,6 +76,8 @@ class SessionState:
     #: Unpins awaiting the next boundary, in order with the pins taken meanwhile (so
     #: ``UNLISTEN *; LISTEN b`` leaves ``b``).
     pending: list[tuple[StateKind | str, str | None]] = attrs.field(factory=list)
+    #: Literal-free text of the statement that took the latest pin (for the pin log).
+    last_pin_statement: str = ""
 
     @property
     def pinned(self) -> bool:
@@ -140,6 +143,7 @@ class SessionState:
                 reason = pin_reason(effect, exclude_variable_sets=self.exclude_variable_sets)
                 if reason is not None and (added := self._pin(reason, effect.name)) is not None:
                     new.append(added)
+                    self.last_pin_statement = fingerprint(statement)
         return new
 
     def on_parse(self, name: str, sql: str) -> list[str]:
