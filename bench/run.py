@@ -253,6 +253,8 @@ async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
     start = window.start = time.monotonic()
     window.deadline = start + float(spec["duration"])
     window.go.set()
+    lags: list[float] = []
+    monitor = asyncio.create_task(loop_lag_monitor(lags))
     # Attempts started before the deadline finish on their own within client_timeout.
     grace = float(spec["client_timeout"]) + 10
     _done, pending = await asyncio.wait(tasks, timeout=float(spec["duration"]) + grace)
@@ -260,6 +262,7 @@ async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     wall = time.monotonic() - start
+    monitor.cancel()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "clients": spec["clients"],
@@ -274,7 +277,17 @@ async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
         "ok_per_second": [stats.ok_per_second.get(i, 0) for i in range(int(wall) + 1)],
         "wall_s": round(wall, 2),
         "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "loop_lag_ms": [round(v * 1000, 1) for v in lags],
     }
+
+
+async def loop_lag_monitor(lags: list[float], interval: float = 0.1) -> None:
+    """Record how late a 100 ms timer fires: the load generator's own stalls (for example
+    a burst of SCRAM PBKDF2 computations, which run on the event loop)."""
+    while True:
+        began = time.monotonic()
+        await asyncio.sleep(interval)
+        lags.append(max(0.0, time.monotonic() - began - interval))
 
 
 def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,6 +297,7 @@ def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
     latencies: list[float] = []
     connect: list[float] = []
     per_second: list[int] = []
+    lags = [v / 1000 for part in parts for v in part["loop_lag_ms"]]
     for part in parts:
         errors.update(part["errors"])
         close_errors.update(part["close_errors"])
@@ -306,6 +320,12 @@ def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "ok_per_second": per_second,
         "wall_s": max(p["wall_s"] for p in parts),
         "loadgen_cpu_s": round(sum(p["loadgen_cpu_s"] for p in parts), 2),
+        "loadgen_loop_lag_ms": {
+            "p50": percentiles_ms(lags)["p50"],
+            "p99": percentiles_ms(lags)["p99"],
+            "max": percentiles_ms(lags)["max"],
+            "over_500ms": sum(1 for v in lags if v > 0.5),
+        },
     }
 
 
@@ -977,6 +997,7 @@ def run_once(env: Environment, target: Target, clients: int, repetition: int) ->
         samples=len(sampler.totals),
         sampler_error=sampler.error,
         server_connections_series=sampler.totals,
+        active_server_connections_series=sampler.active,
         proxy_cpu_s=delta(proxy_cpu_before, proxy_cpu_after),
         postgres_cpu_s=delta(pg_cpu_before, pg_cpu_after),
         machine_cpu_busy=round((busy_after - busy_before) / (total_after - total_before), 3)

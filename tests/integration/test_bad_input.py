@@ -404,11 +404,16 @@ def test_message_too_large(proxy_factory: Any) -> None:
     proxy = proxy_factory(proxy={"max_message_size": 1024 * 1024}, pool={"pool_mode": "session"})
     with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
         assert conn.execute("select %s::text", ("x" * 500_000,)).fetchone() == ("x" * 500_000,)
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError) as info:
             conn.execute("select length(%s::text)", ("x" * 2_000_000,))
-    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:  # noqa: SIM117
-        with pytest.raises(psycopg.OperationalError):
+        assert info.value.sqlstate == "08P01", str(info.value)
+        assert "over the limit of 1048576" in str(info.value)
+        assert conn.closed
+    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
+        with pytest.raises(psycopg.OperationalError) as info:
             conn.execute("select repeat('x', 2000000)")
+        assert "over the limit of 1048576" in str(info.value)
+        assert conn.closed
     assert_serving(proxy)
 
 

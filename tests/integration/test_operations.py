@@ -145,6 +145,7 @@ def test_metrics_follow_what_clients_do(proxy_factory) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)  # noqa: S310
     assert caught.value.code == 404
+    caught.value.close()
 
 
 # --- admin console ----------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def test_reload_changes_passwords_pool_size_and_timeouts(file_proxy, pg, caplog)
         pool = {"database": "app", "user": "alice"}
         assert value(scrape(url), "trioproxy_database_connections_max_allowed", **pool) == 2
 
-        _write(path, pg, password="new-pw", size=5, idle=900, port=thread.port)
+        _write(path, pg, password="new-pw", size=5, idle=900)
         notes = thread.reload()
         assert notes == []
         assert thread.proxy.config.proxy.idle_client_timeout == 900
@@ -360,7 +361,7 @@ def test_reload_changes_passwords_pool_size_and_timeouts(file_proxy, pg, caplog)
         _write(path, pg, password="new-pw", size=5, port=thread.port + 1)
         notes = thread.reload()
         assert notes == ["[proxy] listen changed: requires restart"]
-        assert thread.proxy.config.proxy.listen[0].port == thread.port
+        assert thread.proxy.config.proxy.listen[0].port == 0  # as started
         assert old.execute("select 3").fetchone() == (3,)
     finally:
         old.close()

@@ -69,6 +69,7 @@ from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_logi
 from trioproxy._server.admission import peer_host
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
+from trioproxy._session.link import DISPOSITION, Disposition, link_state
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
 )
@@ -200,7 +201,7 @@ class ClientSession:
             logger.exception("client %d: internal error", self.id)
             await self._fatal(SQLState.INTERNAL_ERROR, "internal error in trioproxy")
         finally:
-            self._give_back_server(clean=False)
+            self._give_back_server()
             self.proxy.forget_client(self)
             self.transport.close()
 
@@ -515,7 +516,7 @@ class ClientSession:
                 if name.lower() in TRACKED_PARAMETERS:
                     self.parameters[name.lower()] = value
         finally:
-            self._give_back_server(clean=True)
+            self._give_back_server()
 
     _carry_over: bytes = b""
 
@@ -594,35 +595,39 @@ class ClientSession:
         self.server = conn
         return conn
 
-    def _give_back_server(self, *, clean: bool) -> None:
+    def _give_back_server(self) -> None:
+        """The link ends: the pool gets the connection back, in the state the link
+        table (trioproxy/_session/link.py, DISPOSITION) says."""
         conn, self.server = self.server, None
         if conn is None or self.pool is None:
             return
         tracker = self.tracker
-        # A session that may hold state (session mode, or pinned) is reset with
-        # DISCARD ALL before anyone else gets the connection.
-        reset_session = (
-            self.session.pinned
-            or self._reset_server
-            or self.config.pool.pool_mode is PoolMode.SESSION
+        state = link_state(
+            sending=False,
+            client_at_boundary=self.scanner.at_boundary,
+            owed=tracker.owed,
+            unsynced=tracker.unsynced,
+            mapping_idle=not self._mapping,
+            copy_both=tracker.copy_both,
+            tx_status=tracker.tx_status,
+            pinned=self.session.pinned,
+            session_mode=self.config.pool.pool_mode is PoolMode.SESSION,
         )
+        disposition = DISPOSITION[state]
+        if disposition is Disposition.REUSE and self._reset_server:
+            disposition = Disposition.RESET  # DISCARD ALL / DEALLOCATE ALL ran on it
         self._reset_server = False
-        at_boundary = (
-            self.scanner.at_boundary
-            and tracker.owed == 0
-            and not tracker.unsynced
-            and not tracker.copy_both
-        )
         self.pool.release(
             conn,
-            clean=clean and tracker.releasable,
-            at_boundary=at_boundary,
-            reset_session=reset_session,
+            clean=disposition is Disposition.REUSE,
+            at_boundary=disposition is not Disposition.CLOSE,
+            reset_session=disposition is Disposition.RESET,
         )
         self.tracker = TransactionTracker()
 
-    def _keep_linked(self) -> bool:
-        """Asked at each transaction boundary: must the client keep its connection?"""
+    def _hold(self) -> tuple[bool, bool]:
+        """Asked at each transaction boundary: (pinned, session mode). Pending unpins
+        settle here, unless an error happened since they were sent."""
         if self.session.pending:
             errors_seen = self.tracker.errors != self._errors_checked
             unpins = self.proxy.stats.unpins
@@ -630,7 +635,7 @@ class ClientSession:
                 unpins[reason] = unpins.get(reason, 0) + 1
                 logger.info("client %d: unpinned: %s released", self.id, reason)
         self._errors_checked = self.tracker.errors
-        return self.session.pinned or self.config.pool.pool_mode is PoolMode.SESSION
+        return self.session.pinned, self.config.pool.pool_mode is PoolMode.SESSION
 
     def _on_client_message(self, type_: int, body: bytes | None) -> None:
         if body is None:
@@ -760,7 +765,7 @@ class ClientSession:
                 await self._sync_parameters(conn)
             except (BorrowTimeout, BackendError) as exc:
                 self.wait_scope = None
-                self._give_back_server(clean=True)
+                self._give_back_server()
                 skipping, consumed = await self._answer_error(scanned, exc)
                 del pending[:consumed]
                 scanned = [(t, b, e - consumed) for t, b, e in scanned if e > consumed]
@@ -791,7 +796,7 @@ class ClientSession:
             server_scanner=StreamScanner(
                 inspect=SERVER_INSPECT, max_message_size=self.config.proxy.max_message_size
             ),
-            keep_linked=self._keep_linked,
+            hold=self._hold,
             on_client_message=self._on_client_message,
             on_parameter_status=self._on_parameter_status,
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
@@ -812,27 +817,27 @@ class ClientSession:
                 except (BackendError, TransportClosed, ProtocolError) as exc:
                     logger.warning("client %d: reading back parameters failed: %s", self.id, exc)
                     conn.close()
-            self._give_back_server(clean=True)
+            self._give_back_server()
             return None
         if outcome is Outcome.CLIENT_GONE:
-            self._give_back_server(clean=True)
+            self._give_back_server()
             return outcome
         if outcome is Outcome.IDLE_IN_TRANSACTION:
-            self._give_back_server(clean=False)
+            self._give_back_server()
             await self._fatal(
                 SQLState.IDLE_IN_TRANSACTION_TIMEOUT,
                 "terminating connection due to idle-in-transaction timeout",
             )
             return outcome
         if outcome is Outcome.CLIENT_PROTOCOL_ERROR:
-            self._give_back_server(clean=False)
+            self._give_back_server()
             await self._fatal(SQLState.PROTOCOL_VIOLATION, relay.error or "protocol violation")
             return outcome
         # The server connection failed under this client.
         owed, in_tx = self.tracker.owed, self.tracker.in_transaction
-        pinned = self._keep_linked()
+        pinned = self.session.pinned or self.config.pool.pool_mode is PoolMode.SESSION
         conn.close()
-        self._give_back_server(clean=False)
+        self._give_back_server()
         logger.warning("client %d: server connection %d failed: %s", self.id, conn.id, relay.error)
         message = f"server connection lost: {relay.error}"
         if in_tx or pinned or not self.scanner.at_boundary:

@@ -12,10 +12,11 @@ Theory of operation. While linked, two pumps run in a private nursery:
 * server -> client: read a chunk, update the tracker, forward it unchanged.
 
 After each send, the pump that sent checks whether the link may end (``_maybe_finish``):
-the server is releasable (``TransactionTracker.releasable``), the client is at a message
-boundary, neither pump is in the middle of a send, and the session is not pinned. Then it
-cancels the nursery. At that moment both pumps are parked in ``receive_some``, which is
-safe to cancel; a send is never cancelled by the relay itself.
+``link_state`` (trioproxy/_session/link.py) must be IDLE: nothing owed, no open
+transaction, the client at a message boundary, neither pump mid-send, the session not
+pinned and not in session mode. Then it cancels the nursery. At that moment both pumps
+are parked in ``receive_some``, which is safe to cancel; a send is never cancelled by the
+relay itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.framing import Message, ScannedMessage, StreamScanner
 from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_backend
 from trioproxy._server.transport import Transport, TransportClosed
+from trioproxy._session.link import DECISION, Decision, LinkState, link_state
 from trioproxy.errors import ProtocolError, SQLState
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ class Relay:
         tracker: TransactionTracker,
         client_scanner: StreamScanner,
         server_scanner: StreamScanner,
-        keep_linked: Callable[[], bool],
+        hold: Callable[[], tuple[bool, bool]],
         on_client_message: Callable[[int, bytes | None], None],
         on_parameter_status: Callable[[ParameterStatus], None],
         idle_in_transaction_timeout: float,
@@ -80,7 +82,7 @@ class Relay:
         self.tracker = tracker
         self.client_scanner = client_scanner
         self.server_scanner = server_scanner
-        self._keep_linked = keep_linked
+        self._hold = hold
         self._on_client_message = on_client_message
         self._on_parameter_status = on_parameter_status
         self._idle_in_tx = idle_in_transaction_timeout
@@ -108,16 +110,27 @@ class Relay:
         assert self._scope is not None
         self._scope.cancel()
 
+    def state(self, *, pinned: bool = False, session_mode: bool = False) -> LinkState:
+        tracker = self.tracker
+        return link_state(
+            sending=self._to_server_busy or self._to_client_busy,
+            client_at_boundary=self.client_scanner.at_boundary,
+            owed=tracker.owed,
+            unsynced=tracker.unsynced,
+            mapping_idle=self._statements is None or self._statements.idle,
+            copy_both=tracker.copy_both,
+            tx_status=tracker.tx_status,
+            pinned=pinned,
+            session_mode=session_mode,
+        )
+
     def _maybe_finish(self) -> None:
-        if (
-            self.tracker.releasable
-            and self.client_scanner.at_boundary
-            and (self._statements is None or self._statements.idle)
-            and not self._to_server_busy
-            and not self._to_client_busy
-            and not self._keep_linked()
-        ):
-            self._finish(Outcome.RELEASE)
+        # The session is asked (and settles its pending unpins) only at a real
+        # boundary, i.e. when everything else already allows a release.
+        if DECISION[self.state()] is Decision.RELEASE:
+            pinned, session_mode = self._hold()
+            if DECISION[self.state(pinned=pinned, session_mode=session_mode)] is Decision.RELEASE:
+                self._finish(Outcome.RELEASE)
 
     async def run(
         self, initial: bytes = b"", initial_messages: Sequence[ScannedMessage] = ()
