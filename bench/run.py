@@ -107,6 +107,7 @@ class Settings:
     client_timeout: float  # one attempt (connect + query) gives up after this
     retry_pause: float  # a client pauses this long after a failed attempt
     loadgen_processes: int
+    retries: int  # measure a run again (at most this often) when other programs were busy
     wait_idle: float  # before each run, wait at most this long for other programs to calm down
     quick: bool
     output: Path
@@ -1039,9 +1040,32 @@ def run_scenario(env: Environment) -> list[dict[str, Any]]:
                     f"{settings.duration:g} s, repetition {repetition} ..."
                 )
                 result = run_once(env, env.targets[name], clients, repetition)
-                runs.append(result)
                 say("        " + one_line(result))
+                measured = 1
+                # On a shared machine, measure a run again when other programs took more
+                # than MAX_FOREIGN_SHARE of the CPU meanwhile; keep the cleanest measurement.
+                while foreign_share(result) > MAX_FOREIGN_SHARE and measured <= settings.retries:
+                    say(
+                        f"        other programs used {foreign_share(result):.0%} of the CPU: "
+                        "measuring again"
+                    )
+                    again = run_once(env, env.targets[name], clients, repetition)
+                    say("        " + one_line(again))
+                    measured += 1
+                    if foreign_share(again) < foreign_share(result):
+                        result = again
+                result["times_measured"] = measured
+                runs.append(result)
     return runs
+
+
+MAX_FOREIGN_SHARE = 0.10
+
+
+def foreign_share(run: dict[str, Any]) -> float:
+    """The share of the machine's CPU capacity that other programs used during a run."""
+    capacity = (os.cpu_count() or 1) * max(run["wall_s"], 0.001)
+    return float(run.get("foreign_cpu_s") or 0.0) / capacity
 
 
 def one_line(run: dict[str, Any]) -> str:
@@ -1201,9 +1225,11 @@ CPU_HEADERS = (
     "rep",
     "load generator",
     "load generator busy",
+    "load generator lag p99 ms",
     "pooler",
     "PostgreSQL",
     "other programs",
+    "times measured",
     "softirq + irq",
     "steal",
     "machine busy",
@@ -1221,9 +1247,11 @@ def cpu_row(run: dict[str, Any]) -> list[str]:
             if run["wall_s"]
             else None
         ),
+        fmt((run.get("loadgen_loop_lag_ms") or {}).get("p99")),
         fmt(run["proxy_cpu_s"], 1),
         fmt(run["postgres_cpu_s"], 1),
-        fmt(run.get("foreign_cpu_s"), 1),
+        f"{fmt(run.get('foreign_cpu_s'), 1)} ({foreign_share(run):.0%})",
+        fmt(run.get("times_measured")),
         fmt(parts.get("interrupts"), 1),
         fmt(parts.get("steal"), 1),
         fmt(run["machine_cpu_s"], 1),
@@ -1319,8 +1347,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [md_table(RUN_HEADERS, [run_row(r) for r in runs]), ""]
         out += [
             "CPU seconds during each run. PostgreSQL: the postmaster and its exited backends. "
-            "Other programs: processes on the machine that are not the benchmark's (a lower "
-            "bound; it should be near 0, else the machine was shared). Softirq: mostly "
+            "Other programs: processes on the machine that are not the benchmark's, and their "
+            "share of the machine's capacity (a lower bound; near 0 unless the machine was "
+            f"shared; above {MAX_FOREIGN_SHARE:.0%} a run is measured again, up to --retries "
+            "times, and the cleanest kept). Load-generator lag: p99 of how late its 100 ms "
+            "timer fired (its own stalls, e.g. bursts of SCRAM PBKDF2). Softirq: mostly "
             "loopback TCP. Steal: taken by the hypervisor.",
             "",
             md_table(CPU_HEADERS, [cpu_row(r) for r in runs]),
@@ -1419,6 +1450,13 @@ def parser() -> argparse.ArgumentParser:
         help="load-generator processes sharing the clients (default 1)",
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="measure a run again, at most this often, when other programs used more than "
+        f"{MAX_FOREIGN_SHARE:.0%} of the CPU during it (default 1)",
+    )
+    p.add_argument(
         "--wait-idle",
         type=float,
         default=20.0,
@@ -1447,6 +1485,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retry_pause=args.retry_pause,
         wait_idle=args.wait_idle,
         loadgen_processes=max(1, args.loadgen_processes),
+        retries=max(0, args.retries),
         quick=args.quick,
         output=output,
     )

@@ -201,9 +201,14 @@ class ClientSession:
             logger.exception("client %d: internal error", self.id)
             await self._fatal(SQLState.INTERNAL_ERROR, "internal error in trioproxy")
         finally:
-            self._give_back_server()
-            self.proxy.forget_client(self)
-            self.transport.close()
+            # Each step runs even if an earlier one fails (close forcefully in finally).
+            try:
+                self._give_back_server()
+            finally:
+                try:
+                    self.proxy.forget_client(self)
+                finally:
+                    self.transport.close()
 
     # --- helpers ----------------------------------------------------------------------
 

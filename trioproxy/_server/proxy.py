@@ -371,11 +371,11 @@ class Proxy:
             await self._stopped.wait()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Start ``drain(timeout)`` in the background (signal handlers, admin SHUTDOWN)."""
-        if self._nursery is None:
-            self.begin_drain()
-            return
-        self._nursery.start_soon(self.drain, timeout)
+        """Start ``drain(timeout)`` in the background (signal handlers, admin SHUTDOWN).
+        The draining state is in force when this returns."""
+        self.begin_drain()
+        if self._nursery is not None:
+            self._nursery.start_soon(self.drain, timeout)
 
     def stop(self) -> None:
         """Stop at once: cancel every task of ``run()`` (clients are disconnected)."""
