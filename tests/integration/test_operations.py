@@ -7,6 +7,8 @@ OS; every wait is bounded; metric values are compared with what the test itself 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import signal
@@ -21,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
 from tests.fix_pg import APP_PASSWORD, APP_USER, PostgresServer, _free_port
+from tests.fix_proxy import build_config
 from trioproxy.config import load_config
 from trioproxy.testing.thread import ProxyThread
 
@@ -412,3 +416,49 @@ def test_sighup_reloads_the_cli(tmp_path: Path, pg: PostgresServer) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+# --- embedding -----------------------------------------------------------------------------------
+
+
+def _load_example() -> Any:
+    spec = importlib.util.spec_from_file_location("embed_example", REPO / "examples" / "embed.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_embedding_example(pg: PostgresServer, tls_files: Any, capsys: Any) -> None:
+    embed = _load_example()
+    config = build_config(pg, tls_files, pool={"pool_mode": "transaction"})
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        proxy = await nursery.start(
+            functools.partial(embed.run_until, report_every=0.05), config, stop
+        )
+        port = proxy.addresses[0].port
+        dsn = (
+            f"host=127.0.0.1 port={port} dbname=app user={APP_USER} password={APP_PASSWORD}"
+            " sslmode=disable"
+        )
+
+        def client() -> Any:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                return conn.execute("select 6 * 7").fetchone()
+
+        assert await trio.to_thread.run_sync(client) == (42,)
+        # A client left connected is closed by the drain when the block ends.
+        idle = await trio.to_thread.run_sync(functools.partial(psycopg.connect, dsn))
+        try:
+            assert proxy.open_clients == 1
+            assert proxy.stats.clients_accepted == 2
+            stop.set()
+        finally:
+            await trio.to_thread.run_sync(idle.close)
+    assert proxy.open_clients == 0
+    assert proxy.draining
+    out = capsys.readouterr().out
+    assert f"listening on 127.0.0.1:{port}" in out
+    assert "clients open=" in out

@@ -145,3 +145,12 @@ def test_pin_is_logged_counted_and_optionally_noticed(proxy_factory, caplog) -> 
     assert "create temp table t_pin as select ? as s" in lines[0]
     assert "top-secret-literal" not in lines[0]
     assert proxy.proxy.stats.pins == {"temporary object": 1}
+
+
+def test_set_config_session_level_is_replayed(pair) -> None:
+    proxy, a, b = pair
+    a.execute("select set_config('myapp.tenant', 'acme', false)")
+    for _ in range(2):
+        assert one(a, "select current_setting('myapp.tenant', true)") == "acme"
+        assert one(b, "select current_setting('myapp.tenant', true)") in (None, "")
+    assert pinned_soon(proxy, 0)

@@ -92,3 +92,13 @@ def test_text_in_literals_and_comments_never_pins(text: str) -> None:
     assert not s.pinned
     assert not s.touched
     assert not s.pending
+
+
+def test_session_set_config_with_a_literal_name_is_replayed() -> None:
+    s = SessionState()
+    assert s.on_sql("select set_config('search_path', 'x', false)") == []
+    assert s.touched == {"search_path"}
+    assert not s.pinned
+    assert s.on_sql("select set_config('a.b', 'x', true)") == []  # local: nothing
+    assert s.on_sql("select set_config(name, 'x', false) from t") == ["set_config"]
+    assert s.pinned

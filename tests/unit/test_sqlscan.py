@@ -435,22 +435,26 @@ EXAMPLES: list[tuple[str, StatementEffect]] = [
     ("SET CONSTRAINTS ALL DEFERRED", LOCAL),
     ("RESET TRANSACTION ISOLATION LEVEL", LOCAL),
     # set_config
-    ("SELECT set_config('search_path', 'app', false)", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app', FALSE)", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app', 'off')", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app', $1)", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app', true::bool)", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app')", pin(PinReason.SET_CONFIG)),
-    ("SELECT set_config('search_path', 'app', true", pin(PinReason.SET_CONFIG)),
-    ("SELECT pg_catalog.set_config('a', 'b', false)", pin(PinReason.SET_CONFIG)),
+    # the name, when literal, lets the session ledger replay it instead of pinning
+    ("SELECT set_config('search_path', 'app', false)", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app', FALSE)", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app', 'off')", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app', $1)", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app', true::bool)", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app')", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT set_config('search_path', 'app', true", pin(PinReason.SET_CONFIG, "search_path")),
+    ("SELECT pg_catalog.set_config('a', 'b', false)", pin(PinReason.SET_CONFIG, "a")),
     ("SELECT set_config('search_path', 'app', true)", OTHER),
     ("SELECT set_config('search_path', 'app', TRUE)", OTHER),
     ("SELECT set_config('a', concat('b', 'c'), 'on')", OTHER),
     ("SELECT set_config('a', 'b', ' Tr ')", OTHER),
     ("SELECT set_config('a', 'b', 'y')", OTHER),
     ("SELECT set_config('a', 'b', '1')", OTHER),
-    ("SELECT set_config('a', 'b', true), set_config('c', 'd', false)", pin(PinReason.SET_CONFIG)),
+    ("SELECT set_config('a', 'b', true), set_config('c', 'd', false)", pin(PinReason.SET_CONFIG, "c")),
     ("SELECT set_config FROM t", OTHER),
+    ("SELECT set_config('a', 'b', false), set_config('c', 'd', false)", pin(PinReason.SET_CONFIG)),
+    ("SELECT set_config(x, 'b', false) FROM t", pin(PinReason.SET_CONFIG)),
+    ("SELECT set_config('a', 'b', false), pg_advisory_lock(1)", pin(PinReason.ADVISORY_LOCK)),
     ("SELECT current_setting('search_path')", OTHER),
     # transaction control
     ("BEGIN", tx(TxCommand.BEGIN)),
@@ -496,7 +500,7 @@ def test_classify(sql: str, expected: StatementEffect) -> None:
 def test_unicode_escapes_cannot_hide_a_function_name() -> None:
     assert effect('SELECT U&"pg\\005fadvisory\\005flock"(1)') == pin(PinReason.ADVISORY_LOCK)
     assert effect("SELECT U&\"set!005fconfig\" UESCAPE '!' ('a', 'b', false)") == pin(
-        PinReason.SET_CONFIG
+        PinReason.SET_CONFIG, "a"
     )
     assert effect('CREATE TABLE U&"pg\\005ftemp".t (a int)') == pin(PinReason.TEMP_OBJECT)
 

@@ -15,6 +15,7 @@ connections.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import itertools
@@ -44,7 +45,7 @@ from trioproxy.errors import AuthenticationFailed, ConfigError, SQLState, Triopr
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
 
 logger = logging.getLogger("trioproxy")
@@ -148,6 +149,8 @@ class Proxy:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._client_left = trio.Event()
+        #: Where clients connect / where metrics are served (filled in by ``run()``).
+        self.addresses: list[ProxyAddress] = []
         self.metrics_addresses: list[ProxyAddress] = []
 
     # --- pools ------------------------------------------------------------------------
@@ -305,6 +308,7 @@ class Proxy:
                     for listener in listeners:
                         host, port = listener.getsockname()[:2]
                         addresses.append(ProxyAddress(host, port))
+                    self.addresses = addresses
                     nursery.start_soon(self._accept_until_drained, listeners, clients_nursery)
                     metrics_listen = self.config.proxy.metrics_listen
                     if metrics_listen is not None:
@@ -601,6 +605,30 @@ async def serve(
     """Run the proxy until cancelled. ``await nursery.start(serve, config)`` returns the
     bound addresses (useful with port 0)."""
     await Proxy(config).run(task_status=task_status)
+
+
+@contextlib.asynccontextmanager
+async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
+    """Run a proxy for the duration of the block::
+
+        async with open_proxy(config) as proxy:
+            print(proxy.addresses[0].port, proxy.stats)
+            ...
+
+    When the block ends normally the proxy drains (as SIGTERM: transactions in flight may
+    finish, up to ``shutdown_timeout``); when it ends with an exception or a cancellation
+    the proxy stops at once. ``proxy.reload(config)``, ``proxy.pause()`` and
+    ``proxy.drain(timeout)`` are available inside the block.
+    """
+    proxy = Proxy(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        try:
+            yield proxy
+        except BaseException:
+            proxy.stop()
+            raise
+        await proxy.drain()
 
 
 _unused = (SQLState,)

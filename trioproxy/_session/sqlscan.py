@@ -843,9 +843,20 @@ def _set_config_is_local(tokens: Sequence[Token], i: int) -> bool:
     return False  # no closing parenthesis: unsure
 
 
-def _scan_anywhere(tokens: Sequence[Token]) -> tuple[PinReason | None, bool]:
-    """(a pin found anywhere in the statement, whether it calls pg_advisory_unlock_all)."""
+def _set_config_name(tokens: Sequence[Token], i: int) -> str | None:
+    """From just after ``set_config(``: the parameter name, when it is a plain literal."""
+    if i + 1 < len(tokens) and tokens[i].kind is TokenKind.LITERAL and _is_op(tokens, i + 1, ","):
+        value = _plain_string_value(tokens[i])
+        return _ascii_lower(value) if value else None
+    return None
+
+
+def _scan_anywhere(tokens: Sequence[Token]) -> tuple[PinReason | None, bool, str | None]:
+    """(a pin found anywhere in the statement, whether it calls pg_advisory_unlock_all,
+    the parameter name of a session ``set_config`` when it is the statement's only pin and
+    its name is a literal)."""
     unlock_all = False
+    set_config_names: list[str | None] = []
     n = len(tokens)
     for i, token in enumerate(tokens):
         kind = token.kind
@@ -853,21 +864,24 @@ def _scan_anywhere(tokens: Sequence[Token]) -> tuple[PinReason | None, bool]:
             continue
         text = token.text
         if text.startswith("pg_temp") and _is_op(tokens, i + 1, ".") and _PG_TEMP.fullmatch(text):
-            return PinReason.TEMP_OBJECT, unlock_all
+            return PinReason.TEMP_OBJECT, unlock_all, None
         if text == "into" and kind is _WORD:
             if _into_temp(tokens, i + 1):
-                return PinReason.TEMP_OBJECT, unlock_all
+                return PinReason.TEMP_OBJECT, unlock_all, None
             continue
         if text not in _CALLS or i + 1 >= n or not _is_op(tokens, i + 1, "("):
             continue
         if text in _ADVISORY_LOCKS:
-            return PinReason.ADVISORY_LOCK, unlock_all
+            return PinReason.ADVISORY_LOCK, unlock_all, None
         if text == _SET_CONFIG:
             if not _set_config_is_local(tokens, i + 2):
-                return PinReason.SET_CONFIG, unlock_all
+                set_config_names.append(_set_config_name(tokens, i + 2))
         else:
             unlock_all = True
-    return None, unlock_all
+    if set_config_names:
+        name = set_config_names[0] if len(set_config_names) == 1 else None
+        return PinReason.SET_CONFIG, unlock_all, name
+    return None, unlock_all, None
 
 
 def classify(statement: Statement) -> StatementEffect:
@@ -881,9 +895,9 @@ def classify(statement: Statement) -> StatementEffect:
     effect = _classify_head(statement, tokens)
     if effect.kind is EffectKind.PIN:
         return effect
-    reason, unlock_all = _scan_anywhere(tokens)
+    reason, unlock_all, name = _scan_anywhere(tokens)
     if reason is not None:
-        return _pin(reason)
+        return _pin(reason, name)
     if unlock_all and effect.kind is EffectKind.OTHER:
         return _unpin(StateKind.ADVISORY_LOCK)
     return effect

@@ -139,6 +139,15 @@ class SessionState:
                 if effect.unpin is StateKind.ALL:
                     self.reset_all = True
                 self.pending.append((effect.unpin, effect.name))
+            elif (
+                kind is EffectKind.PIN
+                and effect.pin is PinReason.SET_CONFIG
+                and effect.name is not None
+            ):
+                # set_config('name', ..., false) with a literal name: a session SET like
+                # any other, replayed by read-back (nothing pins).
+                if effect.name not in TRACKED_PARAMETERS and not self.exclude_variable_sets:
+                    self.touched.add(effect.name)
             elif kind is EffectKind.PIN:
                 reason = pin_reason(effect, exclude_variable_sets=self.exclude_variable_sets)
                 if reason is not None and (added := self._pin(reason, effect.name)) is not None:

@@ -67,14 +67,16 @@ class ProxyThread:
 
     def drain(self, timeout: float | None = None) -> None:
         """Graceful shutdown (as SIGTERM); returns when the proxy has stopped."""
-        assert self._token is not None and self.proxy is not None
+        assert self._token is not None
+        assert self.proxy is not None
         with suppress(trio.RunFinishedError):
             trio.from_thread.run(self.proxy.drain, timeout, trio_token=self._token)
         self._thread.join(30)
 
     def reload(self, config: Config | None = None) -> list[str]:
         """Re-read the configuration file (or apply *config*), as SIGHUP does."""
-        assert self._token is not None and self.proxy is not None
+        assert self._token is not None
+        assert self.proxy is not None
         return trio.from_thread.run(self.proxy.reload, config, trio_token=self._token)
 
     def stop(self, timeout: float = 30) -> None:
