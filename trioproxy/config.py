@@ -223,6 +223,8 @@ class UserConfig:
 
     name: str
     iam_auth: IamAuth = IamAuth.DISABLED
+    #: Overrides ``[pool] pool_mode`` for this user's pools.
+    pool_mode: PoolMode | None = None
     password: str | None = attrs.field(default=None, repr=False)
     scram_verifier: str | None = attrs.field(default=None, repr=False)
     backend_user: str = attrs.field(default=attrs.Factory(lambda self: self.name, takes_self=True))
@@ -750,6 +752,7 @@ def _parse_user(ctx: _Context, name: str, raw: Mapping[str, object]) -> UserConf
     return UserConfig(
         name=name,
         iam_auth=iam_auth,
+        pool_mode=values.get("pool_mode"),
         password=password,
         scram_verifier=verifier,
         backend_user=values.get("backend_user") or name,

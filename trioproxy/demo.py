@@ -1,39 +1,60 @@
-"""A guided tour of trioproxy against a throw-away PostgreSQL: ``python -m trioproxy.demo``.
+"""Black Friday, replayed on this machine: ``make demo`` / ``trioproxy demo`` /
+``python -m trioproxy.demo [--clients N] [--quick]``.
 
-What it does, in order (well under a minute, everything on loopback):
+The story (see README.md): on Black Friday an e-commerce backend on Lambda scaled to thousands
+of concurrent functions, each opening its own connection, and PostgreSQL answered
+``FATAL: sorry, too many clients already`` until checkout went down. The demo replays it on
+loopback, in about a minute:
 
-1. finds the PostgreSQL server binaries (``$PG_BIN``, ``PATH``, ``/usr/lib/postgresql/*/bin``)
-   and creates a cluster in a fresh temp dir (as the ``postgres`` system user via ``runuser``
-   when run as root): scram-sha-256 everywhere, a free port, ``max_connections = 100``, and a
-   role and database ``shop``;
-2. makes a throw-away CA and server certificate, writes ``proxy.toml`` (TLS required,
-   transaction pooling, at most 10 server connections, the password taken from an
-   environment variable) and prints it;
-3. starts the real CLI, ``python -m trioproxy --config proxy.toml``, as a subprocess;
-4. runs a short psycopg session through the proxy over TLS (``sslmode=verify-full``) and
-   prints every statement and its result, an error included;
-5. sends a burst of 200 concurrent clients through the proxy while counting, directly on
-   PostgreSQL, how many server connections the proxy really uses (at most 10);
-6. stops the proxy (SIGTERM) and PostgreSQL, and deletes the temp dir: always, in a
-   ``finally``, also after Ctrl-C or an error.
+1. a throw-away PostgreSQL in a fresh temp dir (as the ``postgres`` system user via
+   ``runuser`` when run as root): ``max_connections = 100``, TLS, scram-sha-256 everywhere,
+   a role and database ``shop`` with an ``orders`` table;
+2. *without a proxy*: N concurrent short-lived clients (default 2,000) each connect straight
+   to PostgreSQL (TLS verify-full + SCRAM), run one checkout transaction (insert an order,
+   read it back, ``pg_sleep(0.05)`` standing in for the rest of the checkout's queries) and
+   disconnect, with a live progress line;
+3. a ``proxy.toml`` mirroring the RDS Proxy Terraform of the story (``require_tls``,
+   transaction pooling, ``max_connections_percent = 90``, ``connection_borrow_timeout = 120``,
+   ...) and the real CLI, ``python -m trioproxy --config proxy.toml``, as a subprocess;
+4. one checkout through the proxy in slow motion (psycopg, ``sslmode=verify-full``,
+   ``require_auth=scram-sha-256``), every statement printed;
+5. the same N clients again, through the proxy;
+6. stops everything by PID (load generator, proxy, PostgreSQL) and deletes the temp dir:
+   always, in a ``finally``, also after Ctrl-C, SIGTERM or an error; then prints the two
+   runs side by side (attempts, completed, errors grouped, p50/p99 latency, peak server
+   connections sampled from ``pg_stat_activity`` as superuser) and one sentence saying what
+   the numbers mean.
 
-Exit status: 0 when every check passed (no client errors, the pool cap held, the proxy
-exited with status 0), 1 otherwise, 130 after Ctrl-C.
+The clients run in a separate process (``python -m trioproxy.demo --loadgen``, asyncio +
+asyncpg, its open-files limit raised to the hard limit), so they share no interpreter with
+the proxy or with the demo, which samples ``pg_stat_activity`` and draws the progress line.
 
-The demo needs psycopg (``pip install -e '.[test]'``, which ``make demo`` does).
+``--quick`` is the smoke-test variant: 200 clients unless ``--clients`` says otherwise, a
+shorter per-client timeout, and the proxy.toml is not printed.
+
+Exit status: 0 when every client served through the proxy completed its checkout, the pool
+never used more than its 90 server connections and the proxy exited with status 0 (errors
+of the direct run are the point of the demo, not a failure); 1 otherwise; 130 after Ctrl-C.
+
+The demo needs psycopg and asyncpg (``pip install -e '.[test]'``, which ``make demo`` does).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import decimal
+import json
+import math
 import os
+import resource
 import secrets
 import shutil
 import signal
 import socket
-import statistics
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,9 +64,9 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from trioproxy.testing.certs import make_self_signed_ca_and_server
+from trioproxy.testing.certs import TLSFiles, make_self_signed_ca_and_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -60,9 +81,17 @@ RUN_AS = "postgres"  # the system user that owns the cluster when we run as root
 SUPERUSER = "postgres"
 APP = "shop"  # role and database
 PASSWORD_ENV = "SHOP_PASSWORD"  # noqa: S105 - the variable's name, not a password
-POOL_SIZE = 10
-CLIENTS = 200
-SLEEP = 0.05  # seconds each burst client spends in pg_sleep
+MAX_CONNECTIONS = 100  # PostgreSQL's max_connections, as in the story's undersized instance
+RESERVED = 3  # superuser_reserved_connections (PostgreSQL's default): not for the app
+POOL_PERCENT = 90  # the proxy's max_connections_percent, as in the story's Terraform
+POOL_SIZE = MAX_CONNECTIONS * POOL_PERCENT // 100
+CLIENTS = 2000
+QUICK_CLIENTS = 200
+SLEEP = 0.05  # seconds of pg_sleep inside each checkout transaction
+CLIENT_TIMEOUT = 60.0  # seconds one client may take (connect + checkout) before giving up
+QUICK_CLIENT_TIMEOUT = 30.0
+SAMPLE_INTERVAL = 0.02  # seconds between pg_stat_activity samples
+TOO_MANY = "too many clients already"
 
 POSTGRESQL_CONF = {
     "listen_addresses": "'127.0.0.1'",
@@ -79,6 +108,19 @@ local  all  all                scram-sha-256
 host   all  all  127.0.0.1/32  scram-sha-256
 host   all  all  ::1/128       scram-sha-256
 """
+ORDERS = """\
+create table orders (
+    id bigserial primary key,
+    customer text not null,
+    item text not null,
+    qty int not null,
+    price numeric(10, 2) not null,
+    created_at timestamptz not null default now()
+)"""
+INSERT_ORDER = (
+    "insert into orders (customer, item, qty, price) values ($1, $2, $3, $4) returning id"
+)
+SELECT_ORDER = "select id, item, qty * price as total from orders where id = $1"
 
 WIDTH = 78
 
@@ -334,25 +376,29 @@ def kill_postmaster(datadir: Path) -> None:
 # The proxy
 
 
-def proxy_toml(proxy_port: int, pg_port: int) -> str:
+def proxy_toml(proxy_port: int, pg_port: int, clients: int) -> str:
     return f"""\
-# Written by `python -m trioproxy.demo`. No secret in here: the proxy reads the
-# password of user "{APP}" from the environment variable {PASSWORD_ENV}.
+# Written by `trioproxy demo`: the story's aws_db_proxy Terraform, for trioproxy.
+# No secret in here: the proxy reads the password of user "{APP}" from the
+# environment variable {PASSWORD_ENV} (RDS Proxy: auth {{ secret_arn = ... }}).
 
 [proxy]
 listen = "127.0.0.1:{proxy_port}"
-require_tls = true                  # clients must negotiate TLS
+require_tls = true                  # require_tls = true
 tls_cert_file = "tls/server.pem"    # relative to this file
 tls_key_file = "tls/server.key"
+idle_client_timeout = 1800          # idle_client_timeout = 1800
+max_client_connections = {max(10000, clients + 100)}
 
-[backend]
+[backend]                           # the "RDS instance": max_connections = {MAX_CONNECTIONS}
 host = "127.0.0.1"
 port = {pg_port}
 
-[pool]
+[pool]                              # connection_pool_config {{ ... }}
 pool_mode = "transaction"           # a client holds a server connection per transaction
-max_connections = {POOL_SIZE}                # never more than this many server connections
-connection_borrow_timeout = 30      # seconds a client may wait for one
+max_connections_percent = {POOL_PERCENT}        # max_connections_percent = {POOL_PERCENT}
+max_idle_connections_percent = 50   # max_idle_connections_percent = 50
+connection_borrow_timeout = 120     # connection_borrow_timeout = 120
 
 [users.{APP}]
 password_env = "{PASSWORD_ENV}"
@@ -435,8 +481,9 @@ class ProxyProcess:
         return self.exit_code
 
 
+
 # --------------------------------------------------------------------------------------------
-# The session and the burst
+# A checkout in slow motion
 
 
 class Session:
@@ -459,112 +506,649 @@ class Session:
         return rows
 
 
-def guided_session(dsn: str) -> None:
+
+
+def verbose_checkout(dsn: str) -> None:
+    """One checkout through the proxy, every statement and its result printed."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         session = Session(conn)
-        field("connected as", f"{conn.info.user} to database {conn.info.dbname}")
-        field("TLS in use (ssl_in_use)", conn.info.pgconn.ssl_in_use)
+        pgconn = conn.info.pgconn
+        protocol = (pgconn.ssl_attribute("protocol") or b"?").decode()
+        cipher = (pgconn.ssl_attribute("cipher") or b"?").decode()
+        field("TLS", f"{protocol} {cipher}, ssl_in_use = {pgconn.ssl_in_use}")
         field("server certificate", "verified against the demo CA (sslmode=verify-full)")
+        field(
+            "authentication",
+            "SCRAM-SHA-256, checked by the proxy (require_auth=scram-sha-256)"
+            if "require_auth" in dsn
+            else "SCRAM-SHA-256, checked by the proxy",
+        )
         say()
-        session.run("show server_version")
-        session.run(
-            "create table orders (id serial primary key, item text not null, "
-            "qty int not null, price numeric(10, 2) not null)"
-        )
         session.run("begin")
-        for item, qty, price in (
-            ("coffee beans", 2, "12.50"),
-            ("mug", 1, "8.00"),
-            ("grinder", 1, "79.90"),
-        ):
-            session.run(
-                "insert into orders (item, qty, price) values (%s, %s, %s)", [item, qty, price]
-            )
-        session.run("commit")
-        session.run("select id, item, qty, price, qty * price as total from orders order by id")
-        try:
-            session.run("select sum(price) / 0 as broken from orders")
-        except psycopg.Error as exc:
-            diag = exc.diag
-            say(
-                f"      ERROR {diag.sqlstate}: {diag.message_primary}"
-                f"   ({type(exc).__name__}: a normal error, forwarded untouched)"
-            )
-        field("connection still usable", not conn.closed and not conn.broken)
-        session.run("select count(*) as orders, sum(qty * price) as revenue from orders")
-
-
-class BurstResult:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.ok = 0
-        self.errors: Counter[str] = Counter()
-        self.latencies: list[float] = []
-        self.peak_server = 0
-        self.samples = 0
-        self.monitor_error: str | None = None
-        self.wall = 0.0
-
-
-def burst(dsn: str, cluster: Cluster, clients: int) -> BurstResult:
-    import psycopg
-
-    result = BurstResult()
-    go = threading.Event()
-    stop_monitor = threading.Event()
-
-    def client() -> None:
-        go.wait()
-        began = time.monotonic()
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("select pg_sleep(%s)", [SLEEP])
-        except Exception as exc:  # reported, not raised: the tally is the point
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            with result.lock:
-                result.errors[f"{type(exc).__name__}: {message}"] += 1
-            return
-        with result.lock:
-            result.ok += 1
-            result.latencies.append(time.monotonic() - began)
-
-    def monitor(conn: psycopg.Connection[Any]) -> None:
-        query = (
-            "select count(*) from pg_stat_activity "
-            "where datname = %s and backend_type = 'client backend'"
+        rows = session.run(
+            INSERT_ORDER.replace("$1", "%s")
+            .replace("$2", "%s")
+            .replace("$3", "%s")
+            .replace("$4", "%s"),
+            ["lambda-demo", "gift card", 1, decimal.Decimal("25.00")],
         )
-        try:
-            while not stop_monitor.is_set():
-                row = conn.execute(query, [APP]).fetchone()
-                count = int(row[0]) if row else 0
-                result.peak_server = max(result.peak_server, count)
-                result.samples += 1
-                time.sleep(0.002)
-        except psycopg.Error as exc:
-            result.monitor_error = str(exc)
+        session.run(SELECT_ORDER.replace("$1", "%s"), [rows[0][0]])
+        session.run("commit")
 
-    with cluster.connect() as direct:
-        watcher = threading.Thread(target=monitor, args=(direct,), name="monitor", daemon=True)
-        watcher.start()
-        threads = [
-            threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(clients)
-        ]
-        for thread in threads:
-            thread.start()
-        began = time.monotonic()
-        go.set()
-        for thread in threads:
-            thread.join(timeout=max(0.0, began + 60 - time.monotonic()))
-        result.wall = time.monotonic() - began
-        stuck = sum(thread.is_alive() for thread in threads)
-        if stuck:
-            with result.lock:
-                result.errors[f"still running after 60 s (hung) x{stuck}"] += stuck
-        stop_monitor.set()
-        watcher.join(timeout=5)
-    return result
+
+# --------------------------------------------------------------------------------------------
+# The load generator: `python -m trioproxy.demo --loadgen`, a process of its own. It reads
+# its spec (JSON) on stdin, writes one JSON progress line to stdout every 0.2 s and a last
+# line {"result": ...}. It exits when stdout is gone (the demo died) or its deadline passed.
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def error_key(exc: BaseException) -> str:
+    """Group errors: PostgreSQL's refusal as one key, anything else by class and first line."""
+    text = str(exc).strip()
+    if TOO_MANY in text:
+        return f"FATAL: sorry, {TOO_MANY}"
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: no answer within the client timeout"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@dataclasses.dataclass
+class Tally:
+    attempts: int = 0
+    ok: int = 0
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def progress(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "elapsed": round(elapsed, 2),
+            "attempts": self.attempts,
+            "ok": self.ok,
+            "errors": sum(self.errors.values()),
+        }
+
+
+def emit(message: dict[str, Any]) -> None:
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # the demo is gone: so are we
+        os._exit(3)
+
+
+async def checkout(
+    spec: dict[str, Any], context: ssl.SSLContext, tally: Tally, go: asyncio.Event, number: int
+) -> None:
+    """One Lambda invocation: connect, one checkout transaction, disconnect. No retry."""
+    import asyncpg
+
+    await go.wait()
+    tally.attempts += 1
+    began = time.monotonic()
+    conn: Any = None
+    try:
+        async with asyncio.timeout(float(spec["timeout"])):
+            conn = await asyncpg.connect(
+                host=spec["host"],
+                port=spec["port"],
+                user=spec["user"],
+                password=spec["password"],
+                database=spec["database"],
+                ssl=context,  # verify-full against the demo CA
+                statement_cache_size=0,  # a fresh connection each time: nothing to cache
+                timeout=float(spec["timeout"]),
+            )
+            async with conn.transaction():
+                order = await conn.fetchval(
+                    INSERT_ORDER, f"lambda-{number}", "gift card", 1, decimal.Decimal("25.00")
+                )
+                await conn.fetchrow(SELECT_ORDER, order)
+                await conn.execute(f"select pg_sleep({float(spec['sleep'])})")
+    except Exception as exc:  # counted, not raised: the tally is the point
+        tally.errors[error_key(exc)] += 1
+        if conn is not None:
+            conn.terminate()
+        return
+    tally.latencies.append(time.monotonic() - began)
+    tally.ok += 1
+    try:
+        await conn.close(timeout=5)
+    except Exception:
+        conn.terminate()
+
+
+async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
+    tally = Tally()
+    go = asyncio.Event()
+    context = ssl.create_default_context(cafile=spec["ca"])
+    clients = int(spec["clients"])
+    tasks = [
+        asyncio.create_task(checkout(spec, context, tally, go, number))
+        for number in range(clients)
+    ]
+    await asyncio.sleep(0.1)  # every client parks on `go`: then all start at once
+    start = time.monotonic()
+    go.set()
+
+    async def report() -> None:
+        while True:
+            emit(tally.progress(time.monotonic() - start))
+            await asyncio.sleep(0.2)
+
+    reporter = asyncio.create_task(report())
+    _done, pending = await asyncio.wait(tasks, timeout=float(spec["timeout"]) + 15)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        tally.errors["unfinished: cancelled after the client timeout"] += len(pending)
+    wall = time.monotonic() - start
+    reporter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reporter
+    return {
+        **tally.progress(wall),
+        "clients": clients,
+        "error_counts": dict(tally.errors.most_common()),
+        "latencies_ms": [round(value * 1000, 2) for value in tally.latencies],
+    }
+
+
+def loadgen_main() -> int:
+    raise_nofile_limit()
+    spec = json.loads(sys.stdin.read())
+    emit({"result": asyncio.run(loadgen_async(spec))})
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# One run of the storm, seen from the demo: the load generator, a sampler, the progress line
+
+
+class Sampler:
+    """Counts the server connections to database ``shop`` in pg_stat_activity, as superuser,
+    every SAMPLE_INTERVAL seconds, in a thread of its own."""
+
+    QUERY = (
+        "select count(*) from pg_stat_activity "
+        "where datname = %s and backend_type = 'client backend'"
+    )
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.conn = cluster.connect()  # before the storm: it needs a slot too
+        self.current = 0
+        self.peak = 0
+        self.samples = 0
+        self.error: str | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="sampler", daemon=True)
+
+    def sample(self) -> int:
+        row = self.conn.execute(self.QUERY, [APP]).fetchone()
+        return int(row[0]) if row else 0
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.current = self.sample()
+                self.peak = max(self.peak, self.current)
+                self.samples += 1
+                self.stopping.wait(SAMPLE_INTERVAL)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def __enter__(self) -> Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+class Progress:
+    """One line per run: redrawn in place with '\\r' on a terminal, else a line a second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.interactive = sys.stdout.isatty()
+        self.last_print = 0.0
+        self.width = 0
+
+    def text(self, state: dict[str, Any], sampler: Sampler) -> str:
+        return (
+            f"  {self.label:<7}{state['elapsed']:6.1f} s  attempts {state['attempts']:>5,}"
+            f"  ok {state['ok']:>5,}  errors {state['errors']:>5,}"
+            f"  server conns {sampler.current:>3} (peak {sampler.peak})"
+        )
+
+    def update(self, state: dict[str, Any], sampler: Sampler) -> None:
+        line = self.text(state, sampler)
+        if self.interactive:
+            sys.stdout.write("\r" + line.ljust(self.width))
+            sys.stdout.flush()
+            self.width = len(line)
+        elif time.monotonic() - self.last_print >= 1.0:
+            self.last_print = time.monotonic()
+            say(line)
+
+    def finish(self, state: dict[str, Any], sampler: Sampler) -> None:
+        line = self.text(state, sampler) + "  done"
+        if self.interactive:
+            sys.stdout.write("\r" + line.ljust(self.width) + "\n")
+            sys.stdout.flush()
+        else:
+            say(line)
+
+
+def percentile_ms(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of ``values`` (in milliseconds already); None if empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclasses.dataclass
+class RunResult:
+    label: str
+    clients: int
+    attempts: int
+    ok: int
+    errors: Counter[str]
+    latencies_ms: list[float]
+    wall: float
+    peak_server: int
+    samples: int
+    sampler_error: str | None
+
+    @property
+    def too_many(self) -> int:
+        return sum(n for key, n in self.errors.items() if TOO_MANY in key)
+
+    @property
+    def other_errors(self) -> int:
+        return sum(self.errors.values()) - self.too_many
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM by PID, wait; SIGKILL if it does not exit in time. Returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"  pid {proc.pid} ignored SIGTERM for {timeout:g} s: SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+
+
+class Demo:
+    """Everything the demo starts, so that ``close()`` can stop it whatever happened."""
+
+    def __init__(self, clients: int, quick: bool) -> None:
+        self.clients = clients
+        self.quick = quick
+        self.timeout = QUICK_CLIENT_TIMEOUT if quick else CLIENT_TIMEOUT
+        self.bindir = find_bindir()
+        self.base = Path(tempfile.mkdtemp(prefix="trioproxy-demo-"))
+        self.cluster = Cluster(self.bindir, self.base)
+        self.proxy: ProxyProcess | None = None
+        self.loadgen: subprocess.Popen[bytes] | None = None
+        self.app_password = secrets.token_urlsafe(18)
+        self.tls: TLSFiles | None = None
+        self.results: list[RunResult] = []
+        self.proxy_exit: int | None = None
+        self.problems: list[str] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def start_postgres(self) -> None:
+        chown_to_owner(self.base)
+        cluster = self.cluster
+        version = run([str(self.bindir / "postgres"), "--version"], cwd=self.base).stdout
+        field("server binaries", f"{self.bindir}  ({version.strip()})")
+        self.tls = make_self_signed_ca_and_server(self.base / "tls")
+        cluster.create()
+        # TLS for direct clients too, with a copy of the demo certificate that the server
+        # owns (PostgreSQL insists on owning its key).
+        for source, name in ((self.tls.server_cert, "server.crt"), (self.tls.server_key, "server.key")):
+            target = cluster.datadir / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            chown_to_owner(target)
+        with (cluster.datadir / "postgresql.conf").open("a") as conf:
+            conf.write("ssl = on\n")
+        cluster.start()
+        owner = f", run as system user {RUN_AS!r}" if os.geteuid() == 0 else ""
+        field("listening", f"127.0.0.1:{cluster.port}{owner}")
+        field(
+            "max_connections",
+            f"{MAX_CONNECTIONS}  ({RESERVED} of them reserved for superusers: "
+            f"{MAX_CONNECTIONS - RESERVED} for the app)",
+        )
+        field("clients must use", "TLS (demo CA) + scram-sha-256")
+        with cluster.connect() as admin:
+            from psycopg import sql
+
+            admin.execute(
+                sql.SQL("create role {} login password {}").format(
+                    sql.Identifier(APP), sql.Literal(self.app_password)
+                )
+            )
+            admin.execute(
+                sql.SQL("create database {} owner {}").format(
+                    sql.Identifier(APP), sql.Identifier(APP)
+                )
+            )
+        import psycopg
+
+        with psycopg.connect(self.dsn(cluster.port), autocommit=True) as conn:
+            conn.execute(ORDERS)  # type: ignore[arg-type]  # a constant, not user input
+        field("role / database", f"{APP} / {APP}  (random password), table orders")
+
+    def dsn(self, port: int) -> str:
+        from psycopg import pq
+        from psycopg.conninfo import make_conninfo
+
+        assert self.tls is not None
+        extra = {"require_auth": "scram-sha-256"} if pq.version() >= 160000 else {}
+        return make_conninfo(
+            host="localhost",  # the name verify-full checks against the certificate
+            hostaddr="127.0.0.1",
+            port=port,
+            dbname=APP,
+            user=APP,
+            password=self.app_password,
+            sslmode="verify-full",
+            sslrootcert=str(self.tls.ca_cert),
+            connect_timeout=30,
+            **extra,
+        )
+
+    def start_proxy(self) -> None:
+        proxy_port = free_port()
+        config = self.base / "proxy.toml"
+        config.write_text(proxy_toml(proxy_port, self.cluster.port, self.clients))
+        if not self.quick:
+            say(f"  {config}:")
+            say()
+            say(indent(config.read_text()))
+            say()
+        self.proxy = proxy = ProxyProcess(config, proxy_port, self.app_password)
+        say(f"  $ {PASSWORD_ENV}=... {' '.join(proxy.argv)}")
+        took = proxy.start()
+        assert proxy.proc is not None
+        field("pid", proxy.proc.pid)
+        field("accepting on", f"127.0.0.1:{proxy_port}  after {took:.2f} s")
+        field("pool", f"{POOL_PERCENT}% of max_connections {MAX_CONNECTIONS} = {POOL_SIZE}")
+
+    # -- the storm ---------------------------------------------------------------------------
+
+    def app_connections(self) -> int:
+        with self.cluster.connect() as conn:
+            row = conn.execute(
+                "select count(*) from pg_stat_activity where datname = %s", [APP]
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def wait_until_quiet(self, keep: int, timeout: float = 15) -> None:
+        """Wait until at most ``keep`` connections to ``shop`` remain (a run's stragglers)."""
+        deadline = time.monotonic() + timeout
+        while self.app_connections() > keep and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def storm(self, label: str, port: int) -> RunResult:
+        assert self.tls is not None
+        spec = {
+            "host": "127.0.0.1",
+            "port": port,
+            "user": APP,
+            "password": self.app_password,
+            "database": APP,
+            "ca": str(self.tls.ca_cert),
+            "clients": self.clients,
+            "sleep": SLEEP,
+            "timeout": self.timeout,
+        }
+        errlog = self.base / f"loadgen-{label}.log"
+        progress = Progress(label)
+        state: dict[str, Any] = {"elapsed": 0.0, "attempts": 0, "ok": 0, "errors": 0}
+        result: dict[str, Any] | None = None
+        with Sampler(self.cluster) as sampler, errlog.open("wb") as err:
+            self.loadgen = proc = subprocess.Popen(  # noqa: S603 - our interpreter and module
+                [sys.executable, "-m", "trioproxy.demo", "--loadgen"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=clean_env(),
+                cwd=self.base,
+                start_new_session=True,  # Ctrl-C reaches the demo, which stops it by PID
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            # A watchdog in case the load generator hangs: it has its own deadline.
+            watchdog = threading.Timer(self.timeout + 60, proc.kill)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                proc.stdin.write(json.dumps(spec).encode())
+                proc.stdin.close()
+                for line in proc.stdout:
+                    message = json.loads(line)
+                    if "result" in message:
+                        result = message["result"]
+                        state = result
+                    else:
+                        state = message
+                        progress.update(state, sampler)
+            finally:
+                watchdog.cancel()
+            code = stop_process(proc, timeout=10)
+            self.loadgen = None
+            progress.finish(state, sampler)
+        if result is None or code != 0:
+            raise DemoError(
+                f"the load generator failed (exit {code}); its log:\n{indent(tail(errlog))}"
+            )
+        if sampler.error:
+            self.problems.append(f"the pg_stat_activity sampler failed: {sampler.error}")
+        return RunResult(
+            label=label,
+            clients=int(result["clients"]),
+            attempts=int(result["attempts"]),
+            ok=int(result["ok"]),
+            errors=Counter(result["error_counts"]),
+            latencies_ms=[float(v) for v in result["latencies_ms"]],
+            wall=float(result["elapsed"]),
+            peak_server=sampler.peak,
+            samples=sampler.samples,
+            sampler_error=sampler.error,
+        )
+
+    def show_errors(self, result: RunResult) -> None:
+        for message, count in result.errors.most_common(6):
+            say(f"    {count:>6,} x {message}")
+
+    # -- the whole tour ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        heading(f"1. A throw-away PostgreSQL, max_connections = {MAX_CONNECTIONS}")
+        self.start_postgres()
+
+        heading(f"2. Black Friday without a proxy: {self.clients:,} clients straight at PostgreSQL")
+        say(
+            f"  each client (a Lambda invocation): connect (TLS verify-full + SCRAM), one\n"
+            f"  checkout transaction (insert an order, read it back, pg_sleep({SLEEP:g}) for the\n"
+            f"  rest of its queries), disconnect; all at once, no retry. Server connections:\n"
+            f"  pg_stat_activity, sampled every {SAMPLE_INTERVAL * 1000:.0f} ms as superuser."
+        )
+        say()
+        direct = self.storm("direct", self.cluster.port)
+        self.results.append(direct)
+        self.show_errors(direct)
+        self.wait_until_quiet(keep=0)
+
+        heading("3. The proxy, configured like the story's RDS Proxy Terraform")
+        self.start_proxy()
+
+        heading("4. One checkout through the proxy, in slow motion (psycopg)")
+        assert self.proxy is not None
+        verbose_checkout(self.dsn(self.proxy.port))
+
+        heading(f"5. Black Friday through trioproxy: the same {self.clients:,} clients")
+        say()
+        proxied = self.storm("proxy", self.proxy.port)
+        self.results.append(proxied)
+        self.show_errors(proxied)
+        if proxied.failed:
+            self.problems.append(f"{proxied.failed} client(s) failed through the proxy")
+        if proxied.peak_server > POOL_SIZE:
+            self.problems.append(
+                f"the proxy used {proxied.peak_server} server connections (pool: {POOL_SIZE})"
+            )
+
+    def close(self) -> None:
+        with uninterruptible():
+            heading("6. Shutting down")
+            if self.loadgen is not None:
+                field("load generator", f"exit status {stop_process(self.loadgen, timeout=5)}")
+                self.loadgen = None
+            if self.proxy is not None:
+                code = self.proxy_exit = self.proxy.stop()
+                if code is not None:
+                    field(
+                        "proxy (SIGTERM)",
+                        f"exit status {code}" + ("" if code == 0 else "  (expected 0)"),
+                    )
+                    if code != 0:
+                        self.problems.append(f"the proxy exited with status {code}")
+                        say(indent(tail(self.proxy.logfile), "    | "))
+                if self.problems:
+                    errors = [
+                        line
+                        for line in tail(self.proxy.logfile, 5000).splitlines()
+                        if " ERROR " in line or " CRITICAL " in line or "Traceback" in line
+                    ]
+                    if errors:
+                        field("proxy log errors", f"{len(errors)} line(s), the last ones:")
+                        say(indent("\n".join(errors[-10:]), "    | "))
+            try:
+                self.cluster.stop()
+                field("PostgreSQL", "stopped (pg_ctl stop -m fast)")
+            except Exception as exc:
+                field("PostgreSQL", f"could not be stopped cleanly: {exc}")
+            shutil.rmtree(self.base, ignore_errors=True)
+            field("temp dir", "removed" if not self.base.exists() else f"left behind: {self.base}")
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:,.2f} s" if value >= 1000 else f"{value:,.0f} ms"
+
+
+def side_by_side(direct: RunResult, proxied: RunResult) -> str:
+    rows: list[tuple[str, str, str]] = [
+        ("clients (one checkout each)", f"{direct.attempts:,}", f"{proxied.attempts:,}"),
+        ("checkouts completed", f"{direct.ok:,}", f"{proxied.ok:,}"),
+        (f"errors: {TOO_MANY}", f"{direct.too_many:,}", f"{proxied.too_many:,}"),
+        ("errors: other", f"{direct.other_errors:,}", f"{proxied.other_errors:,}"),
+        (
+            "latency p50 (completed)",
+            ms(percentile_ms(direct.latencies_ms, 50)),
+            ms(percentile_ms(proxied.latencies_ms, 50)),
+        ),
+        (
+            "latency p99 (completed)",
+            ms(percentile_ms(direct.latencies_ms, 99)),
+            ms(percentile_ms(proxied.latencies_ms, 99)),
+        ),
+        (
+            "peak server connections",
+            f"{direct.peak_server} of {MAX_CONNECTIONS}",
+            f"{proxied.peak_server} of {MAX_CONNECTIONS}",
+        ),
+        ("wall time", f"{direct.wall:.1f} s", f"{proxied.wall:.1f} s"),
+    ]
+    headers = ("", "direct to PostgreSQL", "through trioproxy")
+    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+    out = [
+        "  " + "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        ),
+        "  " + "  ".join("-" * w for w in widths),
+    ]
+    for row in rows:
+        out.append(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def meaning(direct: RunResult, proxied: RunResult) -> str:
+    """One sentence: what the numbers mean."""
+    n = direct.attempts
+    if direct.too_many:
+        before = (
+            f"Straight to PostgreSQL, {direct.too_many:,} of {n:,} checkouts "
+            f"({100 * direct.too_many / max(1, n):.0f}%) died with \"{TOO_MANY}\" because every "
+            f"client wanted its own server connection at once and the server has "
+            f"{MAX_CONNECTIONS} slots"
+        )
+    else:
+        before = (
+            f"Straight to PostgreSQL all {n:,} clients happened to fit into its "
+            f"{MAX_CONNECTIONS} slots (try more --clients)"
+        )
+    if proxied.failed == 0:
+        after = (
+            f"through trioproxy all {proxied.ok:,} completed on at most "
+            f"{proxied.peak_server} server connections, because a client holds one only for "
+            f"the length of its transaction and otherwise waits its turn in the proxy's queue"
+        )
+        p99_direct = percentile_ms(direct.latencies_ms, 99)
+        p99_proxy = percentile_ms(proxied.latencies_ms, 99)
+        if p99_direct is not None and p99_proxy is not None and p99_proxy > p99_direct:
+            after += " (that wait is the price, visible in the higher p99)"
+    else:
+        after = (
+            f"through trioproxy {proxied.failed:,} still failed, which is a bug in the proxy "
+            f"or an overloaded machine: see the errors above"
+        )
+    return f"{before}; {after}."
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,207 +1169,97 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt  # run the same cleanup as Ctrl-C
 
 
-def demo(clients: int) -> bool:
-    """Run the tour; return True when every check passed."""
-    try:
-        import psycopg  # noqa: F401 - fail early with a clear message
-    except ImportError:
-        raise DemoError(
-            "the demo needs psycopg: pip install -e '.[test]' (or run `make demo`)"
-        ) from None
-
-    bindir = find_bindir()
-    base = Path(tempfile.mkdtemp(prefix="trioproxy-demo-"))
-    cluster = Cluster(bindir, base)
-    proxy: ProxyProcess | None = None
-    passed = True
-    started = time.monotonic()
-    try:
-        chown_to_owner(base)
-        heading("1. A throw-away PostgreSQL")
-        version = run([str(bindir / "postgres"), "--version"], cwd=base).stdout.strip()
-        field("server binaries", f"{bindir}  ({version})")
-        cluster.create()
-        cluster.start()
-        field("cluster", cluster.datadir)
-        owner = f", run as system user {RUN_AS!r}" if os.geteuid() == 0 else ""
-        field("listening", f"127.0.0.1:{cluster.port}  (max_connections = 100{owner})")
-        field("authentication", "scram-sha-256 (pg_hba.conf, every host)")
-        app_password = secrets.token_urlsafe(18)
-        with cluster.connect() as admin:
-            from psycopg import sql
-
-            admin.execute(
-                sql.SQL("create role {} login password {}").format(
-                    sql.Identifier(APP), sql.Literal(app_password)
-                )
-            )
-            admin.execute(
-                sql.SQL("create database {} owner {}").format(
-                    sql.Identifier(APP), sql.Identifier(APP)
-                )
-            )
-        field("role / database", f"{APP} / {APP}  (random password)")
-
-        heading("2. TLS material and proxy.toml")
-        tls = make_self_signed_ca_and_server(base / "tls")
-        field("CA certificate", tls.ca_cert)
-        field("server certificate", f"{tls.server_cert}  (localhost, 127.0.0.1, ::1)")
-        proxy_port = free_port()
-        config = base / "proxy.toml"
-        config.write_text(proxy_toml(proxy_port, cluster.port))
-        say(f"  {config}:")
-        say()
-        say(indent(config.read_text()))
-        say()
-        proxy = ProxyProcess(config, proxy_port, app_password)
-        say(f"  $ python -m trioproxy --check-config {config.name}")
-        say(f"    {proxy.check_config()}")
-
-        heading("3. Starting the proxy")
-        say(f"  $ {PASSWORD_ENV}=... {' '.join(proxy.argv)}")
-        took = proxy.start()
-        assert proxy.proc is not None
-        field("pid", proxy.proc.pid)
-        field("accepting on", f"127.0.0.1:{proxy_port}  after {took:.2f} s")
-        field("log", proxy.logfile)
-
-        from psycopg.conninfo import make_conninfo
-
-        dsn = make_conninfo(
-            host="localhost",  # the name verify-full checks against the certificate
-            hostaddr="127.0.0.1",
-            port=proxy_port,
-            dbname=APP,
-            user=APP,
-            password=app_password,
-            sslmode="verify-full",
-            sslrootcert=str(tls.ca_cert),
-            connect_timeout=30,
-        )
-
-        heading("4. A session through the proxy (psycopg, TLS verify-full, SCRAM)")
-        guided_session(dsn)
-
-        heading(f"5. Burst: {clients} clients at once, a pool of {POOL_SIZE} server connections")
-        say(f"  each client: connect (TLS + SCRAM), select pg_sleep({SLEEP}), disconnect;")
-        say(
-            "  meanwhile a direct superuser connection polls pg_stat_activity for database "
-            f"{APP!r}."
-        )
-        say()
-        result = burst(dsn, cluster, clients)
-        failed = sum(result.errors.values())
-        field("attempts", clients)
-        field("succeeded", result.ok)
-        field("errors", failed)
-        for message, count in result.errors.most_common(5):
-            say(f"  {'':<26}   {count:>4} x {message}")
-        cap = "OK" if result.peak_server <= POOL_SIZE else "EXCEEDED"
-        field(
-            "peak server connections",
-            f"{result.peak_server}  (limit {POOL_SIZE}: {cap}; {result.samples} samples)",
-        )
-        if result.monitor_error:
-            field("monitor error", result.monitor_error)
-        field(
-            "wall time",
-            f"{result.wall:.2f} s  (ideal: {clients} x {SLEEP} s / {POOL_SIZE}"
-            f" = {clients * SLEEP / POOL_SIZE:.2f} s)",
-        )
-        if result.latencies:
-            lat = sorted(result.latencies)
-            p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
-            field(
-                "per client latency",
-                f"median {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
-                f"max {lat[-1] * 1000:.0f} ms",
-            )
-        with cluster.connect() as direct:
-            row = direct.execute(
-                "select count(*) from pg_stat_activity where datname = %s", [APP]
-            ).fetchone()
-        field(
-            "server connections now",
-            f"{row[0] if row else '?'}  (idle in the pool, ready for the next clients)",
-        )
-        passed = failed == 0 and result.peak_server <= POOL_SIZE and not result.monitor_error
-    except DemoError as exc:
-        passed = False
-        say(f"\n  demo failed: {exc}")
-    except Exception:
-        passed = False
-        say("\n  demo failed with an unexpected error:")
-        say(indent(traceback.format_exc(), "    | "))
-    except BaseException:
-        passed = False
-        raise
-    finally:
-        with uninterruptible():
-            heading("6. Shutting down")
-            if proxy is not None:
-                code = proxy.stop()
-                if code is not None:
-                    field(
-                        "proxy (SIGTERM)",
-                        f"exit status {code}" + ("" if code == 0 else "  (expected 0)"),
-                    )
-                    if code != 0:
-                        passed = False
-                        say(indent(tail(proxy.logfile), "    | "))
-            if not passed and proxy is not None:
-                errors = [
-                    line
-                    for line in tail(proxy.logfile, 2000).splitlines()
-                    if " ERROR " in line or " CRITICAL " in line or "Traceback" in line
-                ]
-                if errors:
-                    field("proxy log errors", f"{len(errors)} line(s), the last ones:")
-                    say(indent("\n".join(errors[-10:]), "    | "))
-            try:
-                cluster.stop()
-                field("PostgreSQL", "stopped (pg_ctl stop -m fast)")
-            except Exception as exc:
-                field("PostgreSQL", f"could not be stopped cleanly: {exc}")
-            shutil.rmtree(base, ignore_errors=True)
-            field("temp dir", "removed" if not base.exists() else f"left behind: {base}")
-            field("total time", f"{time.monotonic() - started:.1f} s")
-    return passed
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trioproxy.demo",
-        description="Start a throw-away PostgreSQL and trioproxy, run a session and a burst of "
-        "clients through the proxy, then clean everything up.",
+def parser(prog: str = "python -m trioproxy.demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Black Friday on this machine: a throw-away PostgreSQL (max_connections "
+        f"{MAX_CONNECTIONS}) and trioproxy; thousands of short-lived clients, each running one "
+        "checkout, first straight at PostgreSQL, then through the proxy; then the two side by "
+        "side. Cleans up after itself.",
     )
-    parser.add_argument(
+    p.add_argument(
         "--clients",
         type=int,
-        default=CLIENTS,
         metavar="N",
-        help=f"concurrent clients in the burst (default {CLIENTS})",
+        help=f"concurrent clients per run (default {CLIENTS:,}; {QUICK_CLIENTS} with --quick)",
     )
-    args = parser.parse_args(argv)
-    if args.clients < 1:
-        parser.error("--clients must be at least 1")
-    signal.signal(signal.SIGTERM, _sigterm)
-    say("trioproxy demo: many short-lived clients, a small pool of server connections")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run for tests: {QUICK_CLIENTS} clients unless --clients, a "
+        f"{QUICK_CLIENT_TIMEOUT:g} s client timeout, proxy.toml not printed",
+    )
+    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m trioproxy.demo") -> int:
+    args = parser(prog).parse_args(argv)
+    if args.loadgen:
+        return loadgen_main()
+    clients = args.clients if args.clients is not None else QUICK_CLIENTS if args.quick else CLIENTS
+    if clients < 1:
+        parser(prog).error("--clients must be at least 1")
     try:
-        passed = demo(args.clients)
+        import asyncpg  # noqa: F401 - fail early with a clear message
+        import psycopg  # noqa: F401
+    except ImportError:
+        say("the demo needs psycopg and asyncpg: pip install -e '.[test]' (or run `make demo`)")
+        return 1
+    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    nofile = raise_nofile_limit()  # inherited by the proxy and the load generator
+    say(
+        f"trioproxy demo: Black Friday, {clients:,} Lambda-style clients against a PostgreSQL "
+        f"with max_connections = {MAX_CONNECTIONS}"
+    )
+    if nofile < clients + 200:
+        say(
+            f"  warning: the open-files limit is {nofile}, below the ~{clients + 200} that "
+            f"{clients:,} clients need; expect 'Too many open files' (raise ulimit -n)"
+        )
+    began = time.monotonic()
+    demo: Demo | None = None
+    try:
+        demo = Demo(clients, args.quick)
+        demo.run()
     except KeyboardInterrupt:
+        if demo is not None:
+            demo.close()
         say("\ninterrupted: everything was stopped and removed")
         return 130
     except DemoError as exc:
-        say(f"\ndemo failed: {exc}")
+        if demo is not None:
+            demo.problems.append(str(exc))
+        say(f"\n  demo failed: {exc}")
+    except Exception:
+        if demo is not None:
+            demo.problems.append("unexpected error")
+        say("\n  demo failed with an unexpected error:")
+        say(indent(traceback.format_exc(), "    | "))
+    if demo is None:
         return 1
+    try:
+        demo.close()
+    except KeyboardInterrupt:  # only between the two: close() itself ignores Ctrl-C
+        return 130
+    field("total time", f"{time.monotonic() - began:.1f} s")
+    if len(demo.results) == 2:
+        direct, proxied = demo.results
+        heading("Black Friday, side by side")
+        say(side_by_side(direct, proxied))
+        say(
+            f"  (latency: connect + checkout of the completed clients; server connections: "
+            f"peak of {direct.samples + proxied.samples:,} pg_stat_activity samples)"
+        )
+        say()
+        say(textwrap.fill(meaning(direct, proxied), WIDTH))
     say()
-    say(
-        "demo passed: every client served, the pool cap held, clean shutdown"
-        if passed
-        else "demo FAILED: see above"
-    )
-    return 0 if passed else 1
+    if demo.problems:
+        say("demo FAILED: " + "; ".join(demo.problems))
+        return 1
+    say("demo passed: every client served through the proxy, the pool cap held, clean shutdown")
+    return 0
 
 
 if __name__ == "__main__":

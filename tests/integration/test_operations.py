@@ -451,12 +451,14 @@ async def test_embedding_example(pg: PostgresServer, tls_files: Any, capsys: Any
         assert await trio.to_thread.run_sync(client) == (42,)
         # A client left connected is closed by the drain when the block ends.
         idle = await trio.to_thread.run_sync(functools.partial(psycopg.connect, dsn))
-        try:
-            assert proxy.open_clients == 1
-            assert proxy.stats.clients_accepted == 2
-            stop.set()
-        finally:
-            await trio.to_thread.run_sync(idle.close)
+        assert proxy.open_clients == 1
+        assert proxy.stats.clients_accepted == 2
+        stop.set()
+    try:
+        with pytest.raises(errors.AdminShutdown):
+            await trio.to_thread.run_sync(idle.execute, "select 1")
+    finally:
+        await trio.to_thread.run_sync(idle.close)
     assert proxy.open_clients == 0
     assert proxy.draining
     out = capsys.readouterr().out

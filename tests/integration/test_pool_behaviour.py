@@ -218,3 +218,18 @@ def test_global_cap_across_pools_evicts_idle_connections(proxy_factory, pg) -> N
     finally:
         for conn in [*app_clients, alice]:
             conn.close()
+
+
+def test_pool_mode_per_user(proxy_factory) -> None:
+    from tests.fix_proxy import PROXY_USERS
+
+    users = {**PROXY_USERS, "alice": {**PROXY_USERS["alice"], "pool_mode": "session"}}
+    proxy = proxy_factory(pool={"pool_mode": "transaction", "max_connections": 4}, users=users)
+    with psycopg.connect(proxy.dsn(user="alice"), autocommit=True) as alice:
+        pid = alice.execute("select pg_backend_pid()").fetchone()
+        alice.execute("set search_path = pg_catalog")  # session mode: no pin, no replay
+        for _ in range(3):
+            assert alice.execute("select pg_backend_pid()").fetchone() == pid
+        assert proxy.proxy.pinned_count() == 0
+        with psycopg.connect(proxy.dsn(), autocommit=True) as app:
+            assert app.execute("select pg_backend_pid()").fetchone() != pid

@@ -526,6 +526,14 @@ class ClientSession:
     _carry_over: bytes = b""
 
     @property
+    def pool_mode(self) -> PoolMode:
+        """This client's pooling mode: its user's ``pool_mode``, else ``[pool]``'s."""
+        user = self.proxy.config.users.get(self.user)
+        if user is not None and user.pool_mode is not None:
+            return user.pool_mode
+        return self.config.pool.pool_mode
+
+    @property
     def pin_reason(self) -> str | None:
         """Why this client holds its server connection across transactions, or None."""
         reasons = self.session.reasons
@@ -616,7 +624,7 @@ class ClientSession:
             copy_both=tracker.copy_both,
             tx_status=tracker.tx_status,
             pinned=self.session.pinned,
-            session_mode=self.config.pool.pool_mode is PoolMode.SESSION,
+            session_mode=self.pool_mode is PoolMode.SESSION,
         )
         disposition = DISPOSITION[state]
         if disposition is Disposition.REUSE and self._reset_server:
@@ -640,7 +648,7 @@ class ClientSession:
                 unpins[reason] = unpins.get(reason, 0) + 1
                 logger.info("client %d: unpinned: %s released", self.id, reason)
         self._errors_checked = self.tracker.errors
-        return self.session.pinned, self.config.pool.pool_mode is PoolMode.SESSION
+        return self.session.pinned, self.pool_mode is PoolMode.SESSION
 
     def _on_client_message(self, type_: int, body: bytes | None) -> None:
         if body is None:
@@ -666,7 +674,7 @@ class ClientSession:
                 new = []
             else:
                 new = []
-        if new and self.config.pool.pool_mode is PoolMode.TRANSACTION:
+        if new and self.pool_mode is PoolMode.TRANSACTION:
             self._pinned(new)
 
     def _pinned(self, reasons: list[str]) -> None:
@@ -787,7 +795,7 @@ class ClientSession:
     ) -> Outcome | None:
         """Run one linked period; None means the client goes on."""
         linked = None
-        if self.config.pool.pool_mode is PoolMode.TRANSACTION and (
+        if self.pool_mode is PoolMode.TRANSACTION and (
             self.statements.statements or _has_named_parse(messages)
         ):
             conn.statements.capacity = self.config.pool.max_prepared_statements
@@ -840,7 +848,7 @@ class ClientSession:
             return outcome
         # The server connection failed under this client.
         owed, in_tx = self.tracker.owed, self.tracker.in_transaction
-        pinned = self.session.pinned or self.config.pool.pool_mode is PoolMode.SESSION
+        pinned = self.session.pinned or self.pool_mode is PoolMode.SESSION
         conn.close()
         self._give_back_server()
         logger.warning("client %d: server connection %d failed: %s", self.id, conn.id, relay.error)
