@@ -575,6 +575,7 @@ _USER_KEYS: Final[Mapping[str, _Check]] = {
     "client_password_auth_type": _enum(ClientPasswordAuthType),
     "secret_file": _file_name,
     "secret_arn": _secret_arn,
+    "pool_mode": _enum(PoolMode),
 }
 _IAM_KEYS: Final[Mapping[str, _Check]] = {
     "endpoints": _string_list,

@@ -64,7 +64,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from trioproxy.testing.certs import TLSFiles, make_self_signed_ca_and_server
 
@@ -481,7 +481,6 @@ class ProxyProcess:
         return self.exit_code
 
 
-
 # --------------------------------------------------------------------------------------------
 # A checkout in slow motion
 
@@ -506,18 +505,13 @@ class Session:
         return rows
 
 
-
-
 def verbose_checkout(dsn: str) -> None:
     """One checkout through the proxy, every statement and its result printed."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         session = Session(conn)
-        pgconn = conn.info.pgconn
-        protocol = (pgconn.ssl_attribute("protocol") or b"?").decode()
-        cipher = (pgconn.ssl_attribute("cipher") or b"?").decode()
-        field("TLS", f"{protocol} {cipher}, ssl_in_use = {pgconn.ssl_in_use}")
+        field("TLS in use (ssl_in_use)", conn.info.pgconn.ssl_in_use)
         field("server certificate", "verified against the demo CA (sslmode=verify-full)")
         field(
             "authentication",
@@ -635,8 +629,7 @@ async def loadgen_async(spec: dict[str, Any]) -> dict[str, Any]:
     context = ssl.create_default_context(cafile=spec["ca"])
     clients = int(spec["clients"])
     tasks = [
-        asyncio.create_task(checkout(spec, context, tally, go, number))
-        for number in range(clients)
+        asyncio.create_task(checkout(spec, context, tally, go, number)) for number in range(clients)
     ]
     await asyncio.sleep(0.1)  # every client parks on `go`: then all start at once
     start = time.monotonic()
@@ -837,7 +830,10 @@ class Demo:
         cluster.create()
         # TLS for direct clients too, with a copy of the demo certificate that the server
         # owns (PostgreSQL insists on owning its key).
-        for source, name in ((self.tls.server_cert, "server.crt"), (self.tls.server_key, "server.key")):
+        for source, name in (
+            (self.tls.server_cert, "server.crt"),
+            (self.tls.server_key, "server.key"),
+        ):
             target = cluster.datadir / name
             shutil.copyfile(source, target)
             target.chmod(0o600)
@@ -869,7 +865,7 @@ class Demo:
         import psycopg
 
         with psycopg.connect(self.dsn(cluster.port), autocommit=True) as conn:
-            conn.execute(ORDERS)  # type: ignore[arg-type]  # a constant, not user input
+            conn.execute(ORDERS)
         field("role / database", f"{APP} / {APP}  (random password), table orders")
 
     def dsn(self, port: int) -> str:
@@ -941,7 +937,7 @@ class Demo:
         state: dict[str, Any] = {"elapsed": 0.0, "attempts": 0, "ok": 0, "errors": 0}
         result: dict[str, Any] | None = None
         with Sampler(self.cluster) as sampler, errlog.open("wb") as err:
-            self.loadgen = proc = subprocess.Popen(  # noqa: S603 - our interpreter and module
+            self.loadgen = proc = subprocess.Popen(
                 [sys.executable, "-m", "trioproxy.demo", "--loadgen"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -950,7 +946,8 @@ class Demo:
                 cwd=self.base,
                 start_new_session=True,  # Ctrl-C reaches the demo, which stops it by PID
             )
-            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdin is not None
+            assert proc.stdout is not None
             # A watchdog in case the load generator hangs: it has its own deadline.
             watchdog = threading.Timer(self.timeout + 60, proc.kill)
             watchdog.daemon = True
@@ -1101,20 +1098,15 @@ def side_by_side(direct: RunResult, proxied: RunResult) -> str:
     ]
     headers = ("", "direct to PostgreSQL", "through trioproxy")
     widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(3)]
-    out = [
-        "  " + "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        ),
-        "  " + "  ".join("-" * w for w in widths),
-    ]
-    for row in rows:
-        out.append(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
         )
+
+    out = [line(headers), line(["-" * width for width in widths])]
+    out += [line(row) for row in rows]
     return "\n".join(out)
 
 
@@ -1124,7 +1116,7 @@ def meaning(direct: RunResult, proxied: RunResult) -> str:
     if direct.too_many:
         before = (
             f"Straight to PostgreSQL, {direct.too_many:,} of {n:,} checkouts "
-            f"({100 * direct.too_many / max(1, n):.0f}%) died with \"{TOO_MANY}\" because every "
+            f'({100 * direct.too_many / max(1, n):.0f}%) died with "{TOO_MANY}" because every '
             f"client wanted its own server connection at once and the server has "
             f"{MAX_CONNECTIONS} slots"
         )

@@ -92,10 +92,15 @@ async def test_periodic_refresh(tmp_path: Path, autojump_clock: trio.testing.Moc
         holder.secrets.start_once(nursery, holder)  # idempotent
         await trio.sleep(1)
         path.write_text(json.dumps({"password": "rotated"}))
-        await trio.sleep(299.5)
-        assert holder.credentials.backend_login("u") == ("u", "one")  # not yet
-        await trio.sleep(1)
+        await trio.sleep(298)  # t = 299: the first refresh is due at t = 300
+        assert holder.credentials.backend_login("u") == ("rw", "one")
+        # The refresh reads in a worker thread (real time): poll, bounded.
+        for _ in range(10_000):
+            if holder.credentials.backend_login("u") == ("u", "rotated"):
+                break
+            await trio.sleep(0.01)
         assert holder.credentials.backend_login("u") == ("u", "rotated")
+        assert trio.current_time() < 400
         nursery.cancel_scope.cancel()
 
 
@@ -106,13 +111,22 @@ async def test_no_refresh_task_without_secrets_or_interval(tmp_path: Path) -> No
         assert not nursery.child_tasks
 
 
+_LIMITS = PoolLimits(
+    max_connections=2,
+    max_connections_percent=100,
+    max_idle_connections_percent=50,
+    server_lifetime=0,
+    server_idle_timeout=0,
+)
+
+
 def test_pool_uses_the_login_in_force_at_connect_time() -> None:
     login: list[tuple[str, str | None] | None] = [("rw", "one")]
     target = BackendTarget(host="db", port=5432, database="app", user="old", password="stale")
     pool = BackendPool(
         name="app/u",
         target=target,
-        limits=PoolLimits(max_connections=2),
+        limits=_LIMITS,
         backend_login=lambda: login[0],
     )
     assert (pool._current_target().user, pool._current_target().password) == ("rw", "one")
@@ -120,4 +134,4 @@ def test_pool_uses_the_login_in_force_at_connect_time() -> None:
     assert (pool._current_target().user, pool._current_target().password) == ("rw2", "two")
     login[0] = None  # user gone from the store: keep the target's
     assert pool._current_target() is target
-    assert BackendPool(name="x", target=target, limits=PoolLimits())._current_target() is target
+    assert BackendPool(name="x", target=target, limits=_LIMITS)._current_target() is target
