@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -464,3 +465,30 @@ async def test_embedding_example(pg: PostgresServer, tls_files: Any, capsys: Any
     out = capsys.readouterr().out
     assert f"listening on 127.0.0.1:{port}" in out
     assert "clients open=" in out
+
+
+def test_grafana_dashboard_uses_only_exported_metrics(proxy_factory) -> None:
+    proxy = proxy_factory(proxy={"metrics_listen": "127.0.0.1:0"})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")  # one pool, so the per-pool families are there too
+        with urllib.request.urlopen(metrics_url(proxy), timeout=5) as response:  # noqa: S310
+            text = response.read().decode()
+    declared = set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
+    exported = declared | {f"{name}_total" for name in declared}
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"trioproxy_\w+", target["expr"])
+    }
+    assert used
+    assert used <= exported, sorted(used - exported)
+    documented = set(
+        re.findall(r"`(trioproxy_\w+)`", (REPO / "docs" / "operations.md").read_text())
+    )
+    assert documented <= exported, sorted(documented - exported)
+    # ... and every exported family is documented.
+    assert all(n in documented or f"{n}_total" in documented for n in declared), sorted(
+        n for n in declared if n not in documented and f"{n}_total" not in documented
+    )

@@ -81,6 +81,10 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def peer_gone(self) -> bool:
+        # Like the real transport: an idle server that closed or spoke up is gone.
+        return self.broken or self.closed or self.server.kill_idle
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # Like the real transport, a send that fits the kernel buffer has no checkpoint.
         if self.broken or self.closed:
@@ -148,6 +152,8 @@ class FakeServer:
         #: statement -> SQLSTATE of the error the server answers it with
         self.fail_sql: dict[str, str] = {}
         self.max_connections_answer = "17"
+        #: Every idle connection looks closed by the server (a restart).
+        self.kill_idle = False
 
     async def connect(
         self, target: BackendTarget, *, now: float, parameters: Mapping[str, str] = {}
@@ -817,3 +823,20 @@ async def test_init_query_error_is_permanent_when_the_sql_is_wrong(
         assert fake.connect_calls == 1, "not retried: the same SQL fails every time"
         assert transport_of(fake.conns[0]).closed
         assert_quiescent(pool, fake)
+
+
+async def test_idle_connections_the_server_closed_are_replaced_before_handoff(
+    fake: FakeServer, autojump_clock: object
+) -> None:
+    pool = make_pool(2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        first = await pool.borrow(5)
+        pool.release(first, clean=True)
+        fake.kill_idle = True  # e.g. PostgreSQL restarted while the connection sat idle
+        second = await pool.borrow(5)
+        fake.kill_idle = False
+        assert second is not first
+        assert first.transport.closed
+        pool.release(second, clean=True)
+        nursery.cancel_scope.cancel()

@@ -12,6 +12,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from trioproxy._auth.channel_binding import tls_server_end_point
+from trioproxy._auth.login import backend_login
+from trioproxy._auth.scram import (
+    MECHANISM,
+    MECHANISM_PLUS,
+    ScramClient,
+    ScramServer,
+    ScramVerifier,
+    choose_mechanism,
+)
+from trioproxy._protocol.framing import Message
+from trioproxy._protocol.messages import AuthenticationSASL, SASLInitialResponse
+from trioproxy.errors import AuthenticationFailed
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -85,3 +97,66 @@ def test_ecdsa_certificate() -> None:
 def test_ed25519_has_no_binding() -> None:
     cert = _certificate(ed25519.Ed25519PrivateKey.generate(), None)
     assert tls_server_end_point(cert.public_bytes(serialization.Encoding.DER)) is None
+
+
+# --- SCRAM-SHA-256-PLUS, both roles of the proxy --------------------------------------------
+
+
+def _exchange(client: ScramClient, server: ScramServer) -> None:
+    server_first = server.handle_client_first(client.mechanism, client.client_first())
+    client_final = client.handle_server_first(server_first)
+    client.handle_server_final(server.handle_client_final(client_final))
+
+
+def test_plus_round_trip() -> None:
+    binding = hashlib.sha256(b"our certificate").digest()
+    client = ScramClient("pw", channel_binding=binding)
+    server = ScramServer(ScramVerifier.from_password("pw"), channel_binding=binding)
+    assert client.mechanism == MECHANISM_PLUS
+    _exchange(client, server)
+    assert client.done
+    assert server.done
+
+
+def test_plus_with_another_certificate_fails() -> None:
+    client = ScramClient("pw", channel_binding=b"\x01" * 32)
+    server = ScramServer(ScramVerifier.from_password("pw"), channel_binding=b"\x02" * 32)
+    with pytest.raises(AuthenticationFailed, match="channel binding"):
+        _exchange(client, server)
+
+
+def test_client_first_header() -> None:
+    assert ScramClient("pw").client_first().startswith(b"n,,n=,r=")
+    plus = ScramClient("pw", channel_binding=b"\x01" * 32).client_first()
+    assert plus.startswith(b"p=tls-server-end-point,,n=,r=")
+
+
+@pytest.mark.parametrize(
+    ("offered", "binding", "chosen"),
+    [
+        ([MECHANISM_PLUS, MECHANISM], True, MECHANISM_PLUS),
+        ([MECHANISM_PLUS, MECHANISM], False, MECHANISM),
+        ([MECHANISM], True, MECHANISM),
+        ([MECHANISM_PLUS], True, MECHANISM_PLUS),
+    ],
+)
+def test_choose_mechanism(offered: list[str], binding: bool, chosen: str) -> None:
+    assert choose_mechanism(offered, channel_binding=binding) == chosen
+
+
+def test_plus_only_offer_without_binding_fails() -> None:
+    with pytest.raises(AuthenticationFailed, match="no supported SASL mechanism"):
+        choose_mechanism([MECHANISM_PLUS])
+
+
+def test_backend_login_uses_plus_when_offered_and_on_tls() -> None:
+    binding = hashlib.sha256(b"server certificate").digest()
+    server = ScramServer(ScramVerifier.from_password("pw"), channel_binding=binding)
+    login = backend_login(user="u", database="d", password="pw", channel_binding=binding)
+    next(login)  # StartupMessage
+    assert login.send(None) is None  # now waiting for the server
+    wish = login.send(Message(ord("R"), AuthenticationSASL(server.mechanisms).encode()[5:]))
+    assert wish is not None
+    initial = SASLInitialResponse.parse(wish[5:])
+    assert initial.mechanism == MECHANISM_PLUS
+    server.handle_client_first(initial.mechanism, initial.data)

@@ -16,7 +16,7 @@ from collections.abc import Generator, Mapping
 import attrs
 
 from trioproxy._auth.md5 import md5_password_message
-from trioproxy._auth.scram import ScramClient, choose_mechanism
+from trioproxy._auth.scram import MECHANISM_PLUS, ScramClient, choose_mechanism
 from trioproxy._protocol.framing import Message
 from trioproxy._protocol.messages import (
     AuthenticationCleartextPassword,
@@ -65,7 +65,10 @@ def backend_login(
     database: str,
     password: str | None,
     parameters: Mapping[str, str] = {},
+    channel_binding: bytes | None = None,
 ) -> LoginStep:
+    """``channel_binding``: tls-server-end-point data of the server's certificate (we are
+    on TLS); used with SCRAM-SHA-256-PLUS when the server offers it."""
     startup = {"user": user, "database": database, **parameters}
     yield StartupMessage(startup).encode()
     scram: ScramClient | None = None
@@ -93,8 +96,13 @@ def backend_login(
             case AuthenticationMD5Password(salt=salt):
                 yield PasswordMessage(md5_password_message(user, need_password(), salt)).encode()
             case AuthenticationSASL(mechanisms=mechanisms):
-                mechanism = choose_mechanism(mechanisms)
-                scram = ScramClient(need_password())
+                mechanism = choose_mechanism(
+                    mechanisms, channel_binding=channel_binding is not None
+                )
+                scram = ScramClient(
+                    need_password(),
+                    channel_binding=channel_binding if mechanism == MECHANISM_PLUS else None,
+                )
                 yield SASLInitialResponse(mechanism, scram.client_first()).encode()
             case AuthenticationSASLContinue(data=data):
                 if scram is None:

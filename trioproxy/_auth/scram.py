@@ -54,8 +54,10 @@ DEFAULT_ITERATIONS: Final = 4096
 
 # The only channel-binding type PostgreSQL implements.
 _CB_TYPE: Final = b"tls-server-end-point"
-# We never do channel binding as a client (yet), so our GS2 header is always "n,,".
+# Our GS2 header as a client: "n,," without channel binding, "p=tls-server-end-point,,"
+# with it (only when the server offered SCRAM-SHA-256-PLUS).
 _CLIENT_GS2_HEADER: Final = b"n,,"
+_CLIENT_GS2_HEADER_PLUS: Final = b"p=" + _CB_TYPE + b",,"
 _KEY_LEN: Final = 32  # SHA-256 output size
 _SALT_LEN: Final = 16  # what PostgreSQL generates
 _RAW_NONCE_LEN: Final = 18  # what PostgreSQL generates; 24 characters once base64-encoded
@@ -550,15 +552,26 @@ class ScramClient:
     """
 
     def __init__(
-        self, password: str, *, client_nonce: str | None = None, username: str = ""
+        self,
+        password: str,
+        *,
+        client_nonce: str | None = None,
+        username: str = "",
+        channel_binding: bytes | None = None,
     ) -> None:
         """``client_nonce`` is the printable nonce (random when None; tests pin it).
         ``username`` goes into "n=": PostgreSQL ignores it, so we send "n=" like libpq
-        does; it exists to reproduce the RFC 7677 test vector.
+        does; it exists to reproduce the RFC 7677 test vector. ``channel_binding`` is the
+        tls-server-end-point data of the server's certificate: giving it selects
+        SCRAM-SHA-256-PLUS (use it only when the server offered that).
         """
         # Fail now, not halfway through a login, if the password cannot be encoded.
         _password_bytes(password)
         self._password = password
+        self._channel_binding = channel_binding
+        self._gs2_header = (
+            _CLIENT_GS2_HEADER if channel_binding is None else _CLIENT_GS2_HEADER_PLUS
+        )
         self._client_nonce = _checked_nonce(client_nonce)
         self._client_first_bare = b"n=" + _saslname(username) + b",r=" + self._client_nonce
         self._state = _State.START
@@ -566,7 +579,7 @@ class ScramClient:
 
     @property
     def mechanism(self) -> str:
-        return MECHANISM
+        return MECHANISM if self._channel_binding is None else MECHANISM_PLUS
 
     @property
     def done(self) -> bool:
@@ -577,7 +590,7 @@ class ScramClient:
         """The client-first-message for SASLInitialResponse."""
         _expect(self._state, _State.START, "client_first")
         self._state = _State.SENT_FIRST
-        return _CLIENT_GS2_HEADER + self._client_first_bare
+        return self._gs2_header + self._client_first_bare
 
     def handle_server_first(self, data: bytes) -> bytes:
         """Take the server-first-message, return the client-final-message."""
@@ -611,7 +624,10 @@ class ScramClient:
 
         salted = salted_password(self._password, salt, iterations)
         client_key = _hmac(salted, b"Client Key")
-        without_proof = b"c=" + _b64encode(_CLIENT_GS2_HEADER) + b",r=" + nonce
+        # c= is the GS2 header plus, with PLUS, the binding data: the proof then covers
+        # the TLS session, and a MITM with another certificate cannot relay it.
+        cbind_input = self._gs2_header + (self._channel_binding or b"")
+        without_proof = b"c=" + _b64encode(cbind_input) + b",r=" + nonce
         auth_message = self._client_first_bare + b"," + data + b"," + without_proof
         proof = _xor(client_key, _hmac(_sha256(client_key), auth_message))
         self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
@@ -638,10 +654,15 @@ class ScramClient:
         self._state = _State.DONE
 
 
-def choose_mechanism(offered: Sequence[str]) -> str:
-    """Pick the SASL mechanism for logging in to a backend from its offer."""
-    # PLUS is never chosen: we don't do channel binding as a client yet, and plain
-    # SCRAM-SHA-256 with gs2 flag "n" is always acceptable alongside it.
+def choose_mechanism(offered: Sequence[str], *, channel_binding: bool = False) -> str:
+    """Pick the SASL mechanism for logging in to a backend from its offer.
+
+    ``channel_binding``: we are on TLS and have the server certificate's binding data;
+    then SCRAM-SHA-256-PLUS is chosen when offered. Otherwise plain SCRAM-SHA-256 with gs2
+    flag "n", which servers always accept alongside PLUS.
+    """
+    if channel_binding and MECHANISM_PLUS in offered:
+        return MECHANISM_PLUS
     if MECHANISM in offered:
         return MECHANISM
     listed = ", ".join(offered) if offered else "nothing"

@@ -118,11 +118,16 @@ class BackendPool:
                         result = self.core.take(waiter)
                     if isinstance(result, Grant):
                         conn = result.conn
-                        if conn.alive:
+                        if conn.alive and not conn.transport.peer_gone():
                             # Not cancellable: the connection is ours from take() on, and a
                             # Cancelled here would leave it borrowed with no owner.
                             await trio.lowlevel.cancel_shielded_checkpoint()
                             return conn
+                        logger.info(
+                            "pool %s: idle server connection %d was closed by the server; replaced",
+                            self.name,
+                            conn.id,
+                        )
                         conn.close()
                         self._apply(self.core.forget(conn))
                         continue

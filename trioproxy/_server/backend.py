@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from trioproxy._auth.channel_binding import tls_server_end_point
 from trioproxy._auth.login import LoginResult, backend_login, error_from_server
 from trioproxy._protocol.codes import Backend, TxStatus
 from trioproxy._protocol.framing import MessageReader
@@ -174,11 +175,23 @@ async def _negotiate_tls(transport: Transport, target: BackendTarget) -> None:
         raise BackendError(f"unexpected answer to SSLRequest from server: {answer!r}")
 
 
+def _channel_binding(transport: Transport) -> bytes | None:
+    """tls-server-end-point data of the server's certificate, when we are on TLS: the
+    login then uses SCRAM-SHA-256-PLUS if the server offers it."""
+    ssl_object = transport.ssl_object
+    certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return tls_server_end_point(certificate) if certificate else None
+
+
 async def _login(
     transport: Transport, target: BackendTarget, parameters: Mapping[str, str]
 ) -> LoginResult:
     procedure = backend_login(
-        user=target.user, database=target.database, password=target.password, parameters=parameters
+        user=target.user,
+        database=target.database,
+        password=target.password,
+        parameters=parameters,
+        channel_binding=_channel_binding(transport),
     )
     reader = MessageReader(max_message_size=target.max_message_size)
     reply = None

@@ -221,8 +221,15 @@ async def _handle(proxy: Proxy, stream: trio.SocketStream) -> None:
         elif line[1].split("?", 1)[0] not in ("/metrics", "/metrics/"):
             response = _response("404 Not Found", b"try /metrics\n")
         else:
-            body = render(proxy)
-            response = _response("200 OK", b"" if line[0] == "HEAD" else body, CONTENT_TYPE_LATEST)
+            try:
+                body = render(proxy)
+            except Exception:  # a bug in a collector must never take the proxy down
+                logger.exception("rendering metrics failed")
+                response = _response("500 Internal Server Error", b"metrics failed\n")
+            else:
+                response = _response(
+                    "200 OK", b"" if line[0] == "HEAD" else body, CONTENT_TYPE_LATEST
+                )
         with trio.move_on_after(REQUEST_TIMEOUT):
             await stream.send_all(response)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -28,7 +28,6 @@ import attrs
 import trio
 
 from trioproxy._auth.channel_binding import tls_server_end_point
-from trioproxy._auth.credentials import CredentialStore
 from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
 from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
 from trioproxy._pool.pool import BackendPool
@@ -47,6 +46,8 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
+
+    from trioproxy._auth.credentials import CredentialStore
 
 logger = logging.getLogger("trioproxy")
 
@@ -202,8 +203,6 @@ class Proxy:
         return process_id, secrets.randbits(32)
 
     def forget_client(self, session: ClientSession) -> None:
-        self.stats.clients_closed += 1
-        self._client_left.set()
         self.clients.pop(session.id, None)
         if self._cancel_keys.get(session.process_id) is session:
             del self._cancel_keys[session.process_id]
@@ -276,7 +275,15 @@ class Proxy:
                 raise
             self.stats.clients_accepted += 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            nursery.start_soon(self._run_client, sock, peer)
+            nursery.start_soon(self._run_counted, sock, peer)
+
+    async def _run_counted(self, sock: socket.socket, peer: str) -> None:
+        """``_run_client``, counted out however it ends (refused, failed, or served)."""
+        try:
+            await self._run_client(sock, peer)
+        finally:
+            self.stats.clients_closed += 1
+            self._client_left.set()
 
     async def _accept_until_drained(
         self, listeners: list[socket.socket], clients_nursery: trio.Nursery
@@ -435,16 +442,15 @@ class Proxy:
                 source = self.config.source
                 if source is None:
                     raise ConfigError("no configuration file to reload (embedded proxy)")
-                # Reading secret files and deriving SCRAM verifiers (PBKDF2) is slow.
-                new_config, credentials = await trio.to_thread.run_sync(
-                    _load_with_credentials, source, self.credentials
-                )
-            else:
-                new_config = config
-                _, credentials = await trio.to_thread.run_sync(
-                    _load_with_credentials, None, self.credentials, config
-                )
+            # Reading files and secrets and deriving SCRAM verifiers (PBKDF2) is slow:
+            # in a worker thread. Verifiers of unchanged passwords are reused.
+            new_config, refresher, credentials = await trio.to_thread.run_sync(
+                _load_for_reload, self.config.source, self.credentials, config
+            )
             notes = self._apply_config(new_config, credentials)
+            # The new refresher replaces the old one (which stops at its next wake-up).
+            self.secrets = refresher
+            refresher.start_once(self._pool_nursery, self)
         except TrioproxyError as exc:
             self.stats.reload_failures += 1
             logger.error("reload failed, the running configuration stays: %s", exc.message)
@@ -486,6 +492,12 @@ class Proxy:
         )
         self.config = effective
         self.credentials = credentials
+        self.client_filter = ClientFilter(effective.proxy.allowed_client_cidrs)
+        throttle, proxy_config = self.login_throttle, effective.proxy
+        throttle.free_attempts = proxy_config.failed_login_free_attempts
+        throttle.base_delay = proxy_config.failed_login_delay
+        throttle.max_delay = proxy_config.failed_login_max_delay
+        throttle.window = proxy_config.failed_login_window
         iam = effective.iam
         self.iam_keys = {
             key_id: AccessKey(
@@ -506,16 +518,13 @@ class Proxy:
         for session in self.sessions():
             session.config = effective
         self._apply_limits(effective)
-        for (_database, user), pool in list(self.pools.items()):
+        for pool in list(self.pools.values()):
             pool.init_query = effective.pool.init_query
-            user_credentials = credentials.lookup(user)
-            if user_credentials is not None:
-                pool.target = attrs.evolve(
-                    pool.target,
-                    user=user_credentials.backend_user,
-                    password=user_credentials.backend_password,
-                    connect_timeout=effective.backend.connect_timeout,
-                )
+            # The backend user and password come from self.credentials at each new
+            # server connection (pool.backend_login); only the timeout is in the target.
+            pool.target = attrs.evolve(
+                pool.target, connect_timeout=effective.backend.connect_timeout
+            )
         return notes
 
     def _apply_limits(self, config: Config) -> None:
@@ -552,18 +561,16 @@ _RESTART_PROXY_KEYS = ("listen", "tls_cert_file", "tls_key_file", "metrics_liste
 _RESTART_BACKEND_KEYS = ("host", "port", "backend_tls", "backend_tls_ca_file")
 
 
-def _load_with_credentials(
-    source: Path | None, previous: CredentialStore, config: Config | None = None
-) -> tuple[Config, CredentialStore]:
-    """(In a worker thread) read the file unless *config* is given; derive verifiers,
-    reusing those of unchanged passwords."""
+def _load_for_reload(
+    source: Path | None, previous: CredentialStore, config: Config | None
+) -> tuple[Config, SecretRefresher, CredentialStore]:
+    """(In a worker thread.) The new configuration (read from *source* unless *config* is
+    given), its secret refresher and credential store. Raises ConfigError."""
     if config is None:
         assert source is not None
         config = load_config(source)
-    try:
-        return config, CredentialStore(config.users, previous=previous)
-    except ValueError as exc:
-        raise ConfigError(f"{source or '<config>'}: {exc}") from None
+    refresher = SecretRefresher(config)
+    return config, refresher, refresher.load_initial(previous=previous)
 
 
 async def _child_nursery(

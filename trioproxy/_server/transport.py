@@ -78,6 +78,25 @@ class Transport:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def peer_gone(self) -> bool:
+        """Has an idle peer closed, or said something (a server's FATAL before it exits)?
+
+        One non-blocking peek, no round trip: the check the pool runs before it hands out
+        an idle server connection, so a server restart or pg_terminate_backend is noticed
+        without any client seeing an error.
+        """
+        if self.broken or self.closed:
+            return True
+        if self._incoming is not None and self._incoming.pending:
+            return True
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: alive and quiet, as an idle server should be
+        except OSError:
+            return True
+        return True  # EOF, or bytes nobody asked for
+
     async def _recv_raw(self, max_bytes: int) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(self.sock)
