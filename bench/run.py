@@ -381,11 +381,12 @@ def machine_cpu_parts() -> dict[str, int]:
     return {"processes": v[0] + v[1] + v[2], "interrupts": v[5] + v[6], "steal": v[7]}
 
 
-ProcessTable = dict[int, tuple[int, int, int]]  # pid -> (parent pid, start time, CPU ticks)
+ProcessTable = dict[int, tuple[int, int, int, str]]  # pid -> (parent, start time, ticks, name)
 
 
 def process_table() -> ProcessTable:
-    """Every process's parent, start time and own user + system CPU ticks (not children's)."""
+    """Every process's parent, start time, own user + system CPU ticks (not its children's)
+    and name."""
     table: ProcessTable = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -394,19 +395,17 @@ def process_table() -> ProcessTable:
             text = (entry / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
+        name = text[text.index("(") + 1 : text.rindex(")")]
         fields = text[text.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (
-            int(fields[1]),
-            int(fields[19]),
-            int(fields[11]) + int(fields[12]),
-        )
+        ticks = int(fields[11]) + int(fields[12])
+        table[int(entry.name)] = (int(fields[1]), int(fields[19]), ticks, name)
     return table
 
 
-def foreign_cpu(before: ProcessTable, after: ProcessTable, ours: set[int]) -> float:
-    """CPU seconds used between two snapshots by processes that are neither ``ours`` nor
-    their descendants: other programs sharing the machine. A lower bound: processes that
-    exited between the snapshots are not counted."""
+def foreign_cpu_by_name(before: ProcessTable, after: ProcessTable, ours: set[int]) -> Counter[str]:
+    """CPU seconds, by process name, used between two snapshots by processes that are
+    neither ``ours`` nor their descendants: other programs sharing the machine, and kernel
+    threads (ksoftirqd, kworker). A lower bound: processes that exited meanwhile are missed."""
 
     def is_ours(pid: int) -> bool:
         seen = 0
@@ -417,13 +416,20 @@ def foreign_cpu(before: ProcessTable, after: ProcessTable, ours: set[int]) -> fl
             seen += 1
         return False
 
-    ticks = 0
-    for pid, (_parent, started, cpu) in after.items():
+    used: Counter[str] = Counter()
+    for pid, (_parent, started, cpu, name) in after.items():
         if is_ours(pid):
             continue
         previous = before.get(pid)
-        ticks += cpu - (previous[2] if previous and previous[1] == started else 0)
-    return ticks / clock_ticks()
+        ticks = cpu - (previous[2] if previous and previous[1] == started else 0)
+        if ticks:
+            used[re.sub(r"[/:].*", "", name)] += ticks / clock_ticks()
+    return used
+
+
+def foreign_cpu(before: ProcessTable, after: ProcessTable, ours: set[int]) -> float:
+    """Total CPU seconds of :func:`foreign_cpu_by_name`."""
+    return sum(foreign_cpu_by_name(before, after, ours).values())
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
@@ -973,7 +979,8 @@ def run_once(env: Environment, target: Target, clients: int, repetition: int) ->
             result = env.run_loadgen(spec, timeout=settings.duration + settings.client_timeout + 90)
         busy_after, total_after = machine_cpu()
         parts_after = machine_cpu_parts()
-        foreign = foreign_cpu(table_before, process_table(), env.our_processes())
+        foreign_by_name = foreign_cpu_by_name(table_before, process_table(), env.our_processes())
+        foreign = sum(foreign_by_name.values())
         proxy_cpu_after = target.cpu_seconds()
     finally:
         exit_code = target.stop()
@@ -1009,6 +1016,7 @@ def run_once(env: Environment, target: Target, clients: int, repetition: int) ->
         waited_for_idle_s=round(waited, 1),
         foreign_cpu_rate_at_start=round(foreign_rate, 2),
         foreign_cpu_s=round(foreign, 2),
+        foreign_cpu_top={name: round(sec, 2) for name, sec in foreign_by_name.most_common(8)},
         machine_cpu_parts_s={
             kind: round((parts_after[kind] - parts_before[kind]) / clock_ticks(), 2)
             for kind in parts_after

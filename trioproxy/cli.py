@@ -1,4 +1,5 @@
-"""Command line: ``trioproxy --config proxy.toml`` / ``--check-config`` / ``--version``.
+"""Command line: ``trioproxy --config proxy.toml`` / ``--check-config`` / ``--version``, and
+``trioproxy demo [--clients N] [--quick]`` (the Black Friday demo, ``trioproxy.demo``).
 
 Signals: SIGTERM or SIGINT starts a graceful shutdown (stop accepting, let transactions in
 flight finish for up to ``shutdown_timeout``, then close every client with FATAL 57P01); a
@@ -45,7 +46,10 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trioproxy", description="PostgreSQL connection proxy and pooler on trio."
+        prog="trioproxy",
+        description="PostgreSQL connection proxy and pooler on trio.",
+        epilog="trioproxy demo [--clients N] [--quick]: replay a Black Friday connection storm "
+        "against a throw-away PostgreSQL, without and with the proxy (trioproxy demo --help).",
     )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--config", metavar="FILE", help="run the proxy with this TOML file")
@@ -137,7 +141,19 @@ def _summary(config: Config) -> str:
     return f"configuration OK: {n} user{'' if n == 1 else 's'}, listen {listen}"
 
 
+def _demo(argv: Sequence[str]) -> int:
+    from trioproxy.demo import main as demo_main  # lazy: it needs psycopg and asyncpg
+
+    try:
+        return demo_main(argv, prog="trioproxy demo")
+    except SystemExit as exc:  # --help, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["demo"]:
+        return _demo(arguments[1:])
     try:
         args = _parser().parse_args(argv)
         config = load_config(args.config or args.check_config)

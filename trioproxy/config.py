@@ -132,8 +132,9 @@ class ProxyConfig:
     secret_refresh_interval: float = 300.0
     #: Secrets Manager endpoint override (a local moto server in tests); None = AWS.
     aws_endpoint_url: str | None = None
-    #: Failed-login back-off per client address: this many failures are free, then each
-    #: auth answer waits failed_login_delay * 2**k seconds (at most failed_login_max_delay).
+    #: Failed-login back-off per client address: this many failures are free; after the
+    #: k-th failure beyond them, every auth answer to that address waits
+    #: failed_login_delay * 2**(k-1) seconds, at most failed_login_max_delay.
     failed_login_free_attempts: int = 5
     failed_login_delay: float = 0.5
     failed_login_max_delay: float = 15.0

@@ -25,26 +25,30 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
-from tests.fix_pg import APP_PASSWORD, APP_USER
+from tests.fix_pg import APP_PASSWORD, APP_USER, RUN_AS, destroy_cluster
 from tests.fix_proxy import PROXY_USERS
 from trioproxy._auth.sigv4 import AccessKey, generate_auth_token
+from trioproxy._server import backend as backend_module
 from trioproxy.errors import ConfigError
+from trioproxy.testing.certs import make_self_signed_ca_and_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
-    from tests.fix_pg import PostgresServer
+    from tests.fix_pg import PostgresFactory, PostgresServer
     from tests.fix_proxy import RunningProxy
 
 IAM_KEY_ID = "AKIATRIOPROXYHARDEN1"
@@ -726,3 +730,57 @@ def test_no_secret_in_logs_of_a_full_auth_tour(
     assert "wrong password (md5)" in text
     assert "IAM login refused without TLS" in text
     assert proxy.proxy.stats.failed_logins == len(bad) - 1  # the no-TLS refusal is not one
+
+
+# --------------------------------------------------------------------------- backend PLUS
+
+
+@pytest.fixture(scope="module")
+def plus_pg(pg_factory: PostgresFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A cluster with ``ssl = on`` that accepts only hostssl SCRAM logins from 127.0.0.1:
+    it offers SCRAM-SHA-256-PLUS to the proxy."""
+    if os.environ.get("TRIOPROXY_TEST_DSN"):
+        pytest.skip("needs a cluster the tests start")
+    base = Path(
+        tempfile.mkdtemp(prefix="trioproxy-plus-", dir=os.environ.get("TRIOPROXY_PG_TMPDIR"))
+    )
+    try:
+        files = make_self_signed_ca_and_server(base)
+        for path in (base, files.ca_cert, files.server_cert, files.server_key):
+            if os.geteuid() == 0:
+                shutil.chown(path, user=RUN_AS, group=None)
+        files.server_key.chmod(0o600)
+        server = pg_factory(
+            {
+                "ssl": True,
+                "ssl_cert_file": str(files.server_cert),
+                "ssl_key_file": str(files.server_key),
+            },
+            hba_lines=(
+                "hostssl    all  all  127.0.0.1/32  scram-sha-256",
+                "hostnossl  all  all  127.0.0.1/32  reject",
+            ),
+        )
+        try:
+            yield server
+        finally:
+            destroy_cluster(server)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_backend_login_uses_plus_when_offered(proxy_factory: Any, plus_pg: Any) -> None:
+    proxy = proxy_factory(plus_pg, backend={"backend_tls": "require"})
+    with psycopg.connect(proxy.dsn()) as conn:
+        assert conn.execute("select current_user").fetchone() == (APP_USER,)
+
+
+def test_backend_plus_binding_is_checked_by_the_server(
+    proxy_factory: Any, plus_pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proof that the proxy really binds: with wrong binding data (as a proxy facing a
+    man in the middle would compute it) the server refuses the login."""
+    monkeypatch.setattr(backend_module, "tls_server_end_point", lambda _der: b"\x05" * 32)
+    proxy = proxy_factory(plus_pg, backend={"backend_tls": "require"})
+    error = _connect_fails(proxy.dsn())
+    assert "channel binding" in str(error)

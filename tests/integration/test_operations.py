@@ -136,6 +136,7 @@ def test_metrics_follow_what_clients_do(proxy_factory) -> None:
         assert value(s, "trioproxy_client_connections_closed_total") == 1
         assert value(s, "trioproxy_borrow_timeouts_total", **pool) == 1
         assert value(s, "trioproxy_pinned_clients", reason=reasons[0]) == 1
+        assert value(s, "trioproxy_pins_total", reason=reasons[0]) == 1
         assert value(s, "trioproxy_client_bytes_received_total") > 0
         assert value(s, "trioproxy_server_bytes_received_total") > 0
         assert value(s, "trioproxy_draining") == 0
@@ -259,6 +260,20 @@ def test_admin_pause_resume_and_kill(proxy_factory) -> None:
         console.execute("RESUME")
         assert done.wait(10)
         worker.join(timeout=10)
+
+        # One database at a time: pausing another does not hold this one; resuming this
+        # one while another stays paused lets it go.
+        console.execute("PAUSE otherdb")
+        assert client.execute("select 4").fetchone() == (4,)
+        console.execute("PAUSE app")
+        done.clear()
+        worker = threading.Thread(target=query)
+        worker.start()
+        assert not done.wait(0.3)
+        console.execute("RESUME app")
+        assert done.wait(10)
+        worker.join(timeout=10)
+        console.execute("RESUME")
 
         victim = next(c for c in rows(console, "SHOW CLIENTS") if c["application_name"] == "victim")
         console.execute(f"KILL_CLIENT {victim['id']}")

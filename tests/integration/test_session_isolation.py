@@ -154,3 +154,35 @@ def test_set_config_session_level_is_replayed(pair) -> None:
         assert one(a, "select current_setting('myapp.tenant', true)") == "acme"
         assert one(b, "select current_setting('myapp.tenant', true)") in (None, "")
     assert pinned_soon(proxy, 0)
+
+
+def test_pinned_client_leaving_inside_a_transaction_leaves_nothing_behind(pair) -> None:
+    _proxy, a, b = pair
+    a.execute("create temp table left_behind (v int)")
+    a.execute("begin")
+    a.execute("insert into left_behind values (1)")
+    a.close()  # gone inside a transaction, while pinned
+    assert one(b, "select count(*) from pg_class where relname = 'left_behind'") == 0
+
+
+def test_named_statements_after_begin_are_virtualised_not_pinned(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**ONE})
+    with psycopg.connect(proxy.dsn(), prepare_threshold=0) as conn:  # autocommit off
+        for i in range(5):
+            assert conn.execute("select %s::int + 1", (i,)).fetchone() == (i + 1,)
+            conn.commit()
+        assert pinned_soon(proxy, 0)
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+            assert one(other, "select 7") == 7
+
+
+def test_deallocate_all_then_prepare_again(proxy_factory) -> None:
+    proxy = proxy_factory(pool={**ONE})
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        conn.execute("listen keep_me_pinned")
+        assert conn.execute("select %s::int * 5", (2,)).fetchone() == (10,)
+        conn.execute("deallocate all")
+        conn.prepared_max = 0  # psycopg forgets its own cache
+        conn.prepared_max = 100
+        assert conn.execute("select %s::int * 5", (3,)).fetchone() == (15,)
+    del proxy

@@ -102,3 +102,14 @@ def test_session_set_config_with_a_literal_name_is_replayed() -> None:
     assert s.on_sql("select set_config('a.b', 'x', true)") == []  # local: nothing
     assert s.on_sql("select set_config(name, 'x', false) from t") == ["set_config"]
     assert s.pinned
+
+
+def test_rollback_after_an_unpin_keeps_the_pin() -> None:
+    s = SessionState()
+    s.on_sql("LISTEN a")
+    s.on_sql("BEGIN; UNLISTEN *")
+    s.on_sql("ROLLBACK")
+    assert s.settle(errors_seen=False) == []
+    assert s.pinned
+    s.on_sql("UNLISTEN *")
+    assert s.settle(errors_seen=False) == ["LISTEN"]

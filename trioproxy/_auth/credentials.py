@@ -5,8 +5,9 @@ derived here, at load time, so no PBKDF2 ever runs per login on the event loop. 
 user gets a deterministic mock verifier: the SCRAM exchange looks the same and fails at
 the same step as a wrong password, so user names cannot be enumerated.
 
-Later sources (IAM tokens, secret providers) plug in as further fields of
-``UserCredentials`` without changing the callers.
+Secret sources (``secret_file`` / ``secret_arn``) are merged into the users before the
+store is built (``trioproxy._auth.secrets.effective_users``); when they rotate, a new store
+replaces this one, built with ``previous=`` so unchanged passwords keep their verifiers.
 """
 
 from __future__ import annotations

@@ -69,11 +69,11 @@ from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_logi
 from trioproxy._server.admission import peer_host
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
-from trioproxy._session.link import DISPOSITION, Disposition, link_state
+from trioproxy._session.link import DISPOSITION, Disposition, LinkState, link_state
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
 )
-from trioproxy._session.prepared import StatementMapper
+from trioproxy._session.prepared import LinkedMapper, StatementMapper
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
 from trioproxy.config import ClientPasswordAuthType, IamAuth, PoolMode
@@ -87,7 +87,7 @@ from trioproxy.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from trioproxy._auth.credentials import UserCredentials
     from trioproxy._pool.pool import BackendPool
@@ -161,6 +161,7 @@ class ClientSession:
         )
         #: Untracked parameters this client has set (startup options, session SETs).
         self.extra_parameters: dict[str, str] = {}
+        self.startup_extra_parameters: dict[str, str] = {}
         self._errors_checked = 0
         #: This client's protocol-level prepared statements (virtualised in transaction mode).
         self.statements = StatementMapper()
@@ -512,6 +513,7 @@ class ClientSession:
             self.extra_parameters = {
                 k: v for k, v in requested.items() if k not in TRACKED_PARAMETERS
             }
+            self.startup_extra_parameters = dict(self.extra_parameters)
             for name, value in requested.items():
                 if name in TRACKED_PARAMETERS:
                     self.parameters[name] = value
@@ -579,7 +581,9 @@ class ClientSession:
         server, to replay them on the next connection (instead of pinning)."""
         session = self.session
         if session.reset_all:
-            self.extra_parameters.clear()
+            # RESET ALL / DISCARD ALL go back to the session defaults, which include the
+            # startup options: those are put back on the next connection that serves.
+            self.extra_parameters = dict(self.startup_extra_parameters)
             conn.extra_parameters.clear()
             session.reset_all = False
         names = sorted(session.touched)
@@ -627,8 +631,13 @@ class ClientSession:
             session_mode=self.pool_mode is PoolMode.SESSION,
         )
         disposition = DISPOSITION[state]
-        if disposition is Disposition.REUSE and self._reset_server:
-            disposition = Disposition.RESET  # DISCARD ALL / DEALLOCATE ALL ran on it
+        holds_state = self.session.pinned or self._reset_server or state is LinkState.PINNED
+        if disposition in (Disposition.REUSE, Disposition.ROLLBACK) and (
+            holds_state or self.pool_mode is PoolMode.SESSION
+        ):
+            # Session state (pinned, session mode, DISCARD/DEALLOCATE ran) goes with
+            # DISCARD ALL, whatever the transaction state (ROLLBACK first if needed).
+            disposition = Disposition.RESET
         self._reset_server = False
         self.pool.release(
             conn,
@@ -637,6 +646,14 @@ class ClientSession:
             reset_session=disposition is Disposition.RESET,
         )
         self.tracker = TransactionTracker()
+
+    def _enable_statements(self, conn: ServerConnection) -> Callable[[], LinkedMapper]:
+        def enable() -> LinkedMapper:
+            conn.statements.capacity = self.config.pool.max_prepared_statements
+            self._mapping = True
+            return self.statements.link(conn.statements)
+
+        return enable
 
     def _hold(self) -> tuple[bool, bool]:
         """Asked at each transaction boundary: (pinned, session mode). Pending unpins
@@ -665,6 +682,8 @@ class ClientSession:
                     # server connection's shared statements too (the pool resets it).
                     self.statements.statements.clear()
                     self._reset_server = True
+                    if self.server is not None:
+                        self.server.statements.clear()
             elif isinstance(message, Parse):
                 # Virtualised (message mode) statements move freely: no pin.
                 name = "" if self._mapping else message.name
@@ -814,6 +833,9 @@ class ClientSession:
             on_parameter_status=self._on_parameter_status,
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
             statements=linked,
+            enable_statements=(
+                self._enable_statements(conn) if self.pool_mode is PoolMode.TRANSACTION else None
+            ),
         )
         try:
             outcome = await relay.run(data, messages)

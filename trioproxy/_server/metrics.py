@@ -88,6 +88,14 @@ class ProxyCollector:
         ):
             pinned.add_metric([reason], count)
         yield pinned
+        for name, doc, counts in (
+            ("trioproxy_pins", "Times a client was pinned, by reason.", stats.pins),
+            ("trioproxy_unpins", "Times a pin was released, by reason.", stats.unpins),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["reason"])
+            for reason, count in sorted(counts.items()):
+                family.add_metric([reason], count)
+            yield family
         yield CounterMetricFamily(
             "trioproxy_client_bytes_received",
             "Bytes received from clients and relayed to servers.",

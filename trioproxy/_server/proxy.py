@@ -150,6 +150,7 @@ class Proxy:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._client_left = trio.Event()
+        self._reload_lock = trio.Lock()  # one reload at a time (SIGHUP vs admin RELOAD)
         #: Where clients connect / where metrics are served (filled in by ``run()``).
         self.addresses: list[ProxyAddress] = []
         self.metrics_addresses: list[ProxyAddress] = []
@@ -413,15 +414,15 @@ class Proxy:
             self._paused = set()
         else:
             self._paused.discard(database)
-        if not self._paused:
-            self._resumed.set()
+        # Wake every held client; those whose database is still paused park again.
+        self._resumed.set()
+        if self._paused:
+            self._resumed = trio.Event()
 
     async def wait_resumed(self, database: str) -> None:
         """Park while *database* is paused (never during a drain)."""
         while self.is_paused(database) and not self.draining:
             await self._resumed.wait()
-            if self.is_paused(database) and not self.draining:
-                await trio.sleep(0.05)  # another database was resumed, not ours
 
     def linked_clients(self, database: str | None = None) -> int:
         return sum(
@@ -444,13 +445,14 @@ class Proxy:
                     raise ConfigError("no configuration file to reload (embedded proxy)")
             # Reading files and secrets and deriving SCRAM verifiers (PBKDF2) is slow:
             # in a worker thread. Verifiers of unchanged passwords are reused.
-            new_config, refresher, credentials = await trio.to_thread.run_sync(
-                _load_for_reload, self.config.source, self.credentials, config
-            )
-            notes = self._apply_config(new_config, credentials)
-            # The new refresher replaces the old one (which stops at its next wake-up).
-            self.secrets = refresher
-            refresher.start_once(self._pool_nursery, self)
+            async with self._reload_lock:
+                new_config, refresher, credentials = await trio.to_thread.run_sync(
+                    _load_for_reload, self.config.source, self.credentials, config
+                )
+                notes = self._apply_config(new_config, credentials)
+                # The new refresher replaces the old one (which stops at its next wake-up).
+                self.secrets = refresher
+                refresher.start_once(self._pool_nursery, self)
         except TrioproxyError as exc:
             self.stats.reload_failures += 1
             logger.error("reload failed, the running configuration stays: %s", exc.message)

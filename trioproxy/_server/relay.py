@@ -76,6 +76,7 @@ class Relay:
         on_parameter_status: Callable[[ParameterStatus], None],
         idle_in_transaction_timeout: float,
         statements: LinkedMapper | None = None,
+        enable_statements: Callable[[], LinkedMapper] | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -89,6 +90,8 @@ class Relay:
         #: Message mode: prepared statements are renamed/injected, so bytes are
         #: forwarded whole messages at a time (partial tails held back).
         self._statements = statements
+        #: Switches to message mode mid-period, at a point where nothing is outstanding.
+        self._enable_statements = enable_statements
         self._client_tail = b""
         self._server_tail = b""
         #: A message of the proxy's own for the client, sent at the next message boundary
@@ -151,7 +154,25 @@ class Relay:
 
     # --- client -> server -----------------------------------------------------------
 
-    async def _forward_to_server(self, chunk: bytes, messages: Sequence[ScannedMessage]) -> None:
+    def _maybe_enable_statements(self, messages: Sequence[ScannedMessage]) -> None:
+        """A named Parse arrives in raw mode (e.g. after BEGIN): switch to message mode if
+        the streams are at rest (nothing owed, no half message either way), so the answer
+        queue can start empty and stay exact."""
+        if (
+            self._enable_statements is not None
+            and self._statements is None
+            and any(t == Frontend.PARSE and b and b[0] != 0 for t, b, _ in messages)
+            and self.tracker.owed == 0
+            and not self.tracker.unsynced
+            and self.server_scanner.at_boundary
+        ):
+            self._statements = self._enable_statements()
+
+    async def _forward_to_server(
+        self, chunk: bytes, messages: Sequence[ScannedMessage], *, from_boundary: bool = True
+    ) -> None:
+        if from_boundary:
+            self._maybe_enable_statements(messages)
         terminate_end = -1
         for type_, body, end in messages:
             if type_ == Frontend.TERMINATE:
@@ -241,12 +262,13 @@ class Relay:
             if not chunk:
                 self._finish(Outcome.CLIENT_GONE)
                 return
+            from_boundary = self.client_scanner.at_boundary
             try:
                 messages = self.client_scanner.feed(chunk)
             except ProtocolError as exc:
                 self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
                 return
-            await self._forward_to_server(chunk, messages)
+            await self._forward_to_server(chunk, messages, from_boundary=from_boundary)
 
     # --- server -> client -----------------------------------------------------------
 

@@ -162,7 +162,9 @@ class SecretRefresher:
             return False
         async with self._lock:  # one refresh at a time (periodic vs. reload)
             try:
-                values = await trio.to_thread.run_sync(self.read_all)
+                # Abandoned if cancelled (shutdown): a slow AWS call must not hold the
+                # proxy up; the thread's result is simply dropped.
+                values = await trio.to_thread.run_sync(self.read_all, abandon_on_cancel=True)
             except SecretError as exc:
                 self.failures += 1
                 logger.warning("secret refresh failed, keeping the previous credentials: %s", exc)

@@ -33,6 +33,7 @@ from trioproxy._session.sqlscan import (
     EffectKind,
     PinReason,
     StateKind,
+    TxCommand,
     classify,
     fingerprint,
     split_statements,
@@ -53,6 +54,9 @@ _TRIGGERS: Final = (
     "&",
 )
 UNTERMINATED: Final = "unterminated quote or comment"
+#: Marker in ``pending``: a rollback happened after some unpins (they may be undone).
+_ROLLED_BACK: Final = "\0rolled back"
+_UNDOING: Final = frozenset({TxCommand.ROLLBACK, TxCommand.ROLLBACK_TO_SAVEPOINT})
 NAMED_STATEMENT: Final = "named prepared statement"
 
 #: Which pins an unpinning statement can remove.
@@ -104,7 +108,9 @@ class SessionState:
     def on_sql(self, sql: str) -> list[str]:
         """A Query's text (or a Parse's SQL). Returns the pin reasons newly taken."""
         lowered = sql.lower()
-        if not any(word in lowered for word in _TRIGGERS):
+        if not any(word in lowered for word in _TRIGGERS) and not (
+            self.pending and ("rollback" in lowered or "abort" in lowered)
+        ):
             return []
         new: list[str] = []
         if "\\" in sql:
@@ -134,6 +140,10 @@ class SessionState:
                     self.reset_all = True
                 elif setting.name not in TRACKED_PARAMETERS and not self.exclude_variable_sets:
                     self.touched.add(setting.name)
+            elif kind is EffectKind.TRANSACTION:
+                if self.pending and effect.transaction in _UNDOING:
+                    # BEGIN; UNLISTEN *; ROLLBACK undoes the unpin: trust none of them.
+                    self.pending.append((_ROLLED_BACK, None))
             elif kind is EffectKind.UNPIN:
                 assert effect.unpin is not None
                 if effect.unpin is StateKind.ALL:
@@ -178,7 +188,7 @@ class SessionState:
         """At a transaction boundary: apply pending unpins (unless an error happened
         since they were sent). Returns the reasons released."""
         pending, self.pending = self.pending, []
-        if errors_seen or not pending:
+        if errors_seen or not pending or any(op == _ROLLED_BACK for op, _ in pending):
             return []
         before = set(self.pins)
         for op, name in pending:
