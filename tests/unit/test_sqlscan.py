@@ -440,7 +440,10 @@ EXAMPLES: list[tuple[str, StatementEffect]] = [
     ("SELECT set_config('search_path', 'app', FALSE)", pin(PinReason.SET_CONFIG, "search_path")),
     ("SELECT set_config('search_path', 'app', 'off')", pin(PinReason.SET_CONFIG, "search_path")),
     ("SELECT set_config('search_path', 'app', $1)", pin(PinReason.SET_CONFIG, "search_path")),
-    ("SELECT set_config('search_path', 'app', true::bool)", pin(PinReason.SET_CONFIG, "search_path")),
+    (
+        "SELECT set_config('search_path', 'app', true::bool)",
+        pin(PinReason.SET_CONFIG, "search_path"),
+    ),
     ("SELECT set_config('search_path', 'app')", pin(PinReason.SET_CONFIG, "search_path")),
     ("SELECT set_config('search_path', 'app', true", pin(PinReason.SET_CONFIG, "search_path")),
     ("SELECT pg_catalog.set_config('a', 'b', false)", pin(PinReason.SET_CONFIG, "a")),
@@ -450,7 +453,10 @@ EXAMPLES: list[tuple[str, StatementEffect]] = [
     ("SELECT set_config('a', 'b', ' Tr ')", OTHER),
     ("SELECT set_config('a', 'b', 'y')", OTHER),
     ("SELECT set_config('a', 'b', '1')", OTHER),
-    ("SELECT set_config('a', 'b', true), set_config('c', 'd', false)", pin(PinReason.SET_CONFIG, "c")),
+    (
+        "SELECT set_config('a', 'b', true), set_config('c', 'd', false)",
+        pin(PinReason.SET_CONFIG, "c"),
+    ),
     ("SELECT set_config FROM t", OTHER),
     ("SELECT set_config('a', 'b', false), set_config('c', 'd', false)", pin(PinReason.SET_CONFIG)),
     ("SELECT set_config(x, 'b', false) FROM t", pin(PinReason.SET_CONFIG)),
