@@ -1379,6 +1379,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             if exit_problem:
                 notes.append(exit_problem)
+            if foreign_share(run) > MAX_FOREIGN_SHARE / 2:
+                top = ", ".join(
+                    f"{name} {sec:.1f} s"
+                    for name, sec in (run.get("foreign_cpu_top") or {}).items()
+                )
+                notes.append(
+                    f"the machine was shared: other programs used {foreign_share(run):.0%} "
+                    f"of its CPU ({top})"
+                )
             if not errors and not problems and not run.get("close_errors") and not notes:
                 continue
             out.append(f"{run['target']} (repetition {run['repetition']}):")

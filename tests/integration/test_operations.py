@@ -209,6 +209,13 @@ def test_admin_console_show_commands(proxy_factory) -> None:
         assert config["proxy.idle_client_timeout"]["changeable"] == "yes"
         assert not any("secret" in str(r["value"]) for r in config.values())
 
+        databases = rows(console, "SHOW DATABASES")
+        assert [(d["name"], d["current_connections"]) for d in databases] == [("app", 1)]
+        users = {u["name"]: u["admin"] for u in rows(console, "SHOW USERS")}
+        assert users == {APP_USER: "yes", "alice": "no"}
+        lists = {r["list"]: r["items"] for r in rows(console, "SHOW LISTS")}
+        assert lists["pools"] == 1
+        assert lists["used_clients"] == 2
         assert rows(console, "SHOW VERSION")[0]["version"].startswith("trioproxy ")
         with pytest.raises(psycopg.errors.FeatureNotSupported):
             console.execute("SHOW NONSENSE")

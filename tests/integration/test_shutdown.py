@@ -270,3 +270,29 @@ def test_drain_timeout_cuts_what_is_left(proxy_factory, pg) -> None:
         time.sleep(0.05)
     rows = _rows(pg, table)
     assert rows == set()
+
+
+def test_second_sigterm_stops_at_once(
+    cli_proxy: tuple[subprocess.Popen[str], int], pg: PostgresServer
+) -> None:
+    proc, port = cli_proxy
+    dsn = (
+        f"host=127.0.0.1 port={port} dbname=app user={APP_USER} password={APP_PASSWORD}"
+        " sslmode=disable"
+    )
+    conn = psycopg.connect(dsn)
+    try:
+        conn.execute("select 1")  # a transaction stays open: the drain would wait 15 s
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining, waiting for our transaction
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)
+        assert time.monotonic() - started < 5
+        assert proc.returncode == 0, err
+        assert "received SIGTERM again, stopping now" in err, err
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 2")
+    finally:
+        conn.close()

@@ -8,7 +8,7 @@ where the same thing is shown, so habits and dashboards carry over.
 
 Commands (case-insensitive, an optional trailing ``;``)::
 
-    SHOW POOLS | CLIENTS | SERVERS | STATS | CONFIG | VERSION | HELP
+    SHOW POOLS | CLIENTS | SERVERS | STATS | CONFIG | DATABASES | USERS | LISTS | VERSION | HELP
     PAUSE [db]      hold new transactions; waits (up to shutdown_timeout) for the running ones
     RESUME [db]
     RELOAD          re-read the configuration file (as SIGHUP)
@@ -224,7 +224,7 @@ async def _answer(proxy: Proxy, session: ClientSession, sql: str) -> bytes:
 # --- commands -------------------------------------------------------------------------------
 
 _HELP = (
-    "SHOW POOLS|CLIENTS|SERVERS|STATS|CONFIG|VERSION|HELP",
+    "SHOW POOLS|CLIENTS|SERVERS|STATS|CONFIG|DATABASES|USERS|LISTS|VERSION|HELP",
     "PAUSE [db]",
     "RESUME [db]",
     "RELOAD",
@@ -538,6 +538,70 @@ def show_config(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
     return ("key", "value", "default", "changeable"), rows
 
 
+def show_databases(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
+    """PgBouncer's SHOW DATABASES, for the databases clients have used so far."""
+    columns = (
+        "name",
+        "host",
+        "port",
+        "database",
+        "pool_size",
+        "pool_mode",
+        "max_connections",
+        "current_connections",
+        "paused",
+        "disabled",
+    )
+    backend = proxy.config.backend
+    per_database: dict[str, int] = {}
+    for (database, _user), pool in proxy.pools.items():
+        stats = pool.statistics()
+        per_database[database] = (
+            per_database.get(database, 0) + stats.idle + stats.borrowed + stats.opening
+        )
+    rows: Rows = [
+        (
+            database,
+            backend.host,
+            backend.port,
+            database,
+            proxy.budget.cap,
+            proxy.config.pool.pool_mode.value,
+            proxy.budget.cap,
+            current,
+            int(proxy.is_paused(database)),
+            0,
+        )
+        for database, current in sorted(per_database.items())
+    ]
+    return columns, rows
+
+
+def show_users(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
+    """PgBouncer's SHOW USERS: the configured users (never their secrets)."""
+    mode = proxy.config.pool.pool_mode.value
+    return ("name", "pool_mode", "admin"), [
+        (name, mode, "yes" if name in proxy.config.proxy.admin_users else "no")
+        for name in sorted(proxy.config.users)
+    ]
+
+
+def show_lists(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
+    """PgBouncer's SHOW LISTS: counts of the proxy's internal lists."""
+    sessions = list(proxy.sessions())
+    stats = [pool.statistics() for pool in proxy.pools.values()]
+    rows: Rows = [
+        ("databases", len({database for database, _user in proxy.pools})),
+        ("users", len(proxy.config.users)),
+        ("pools", len(proxy.pools)),
+        ("used_clients", len(sessions)),
+        ("used_servers", sum(s.idle + s.borrowed for s in stats)),
+        ("free_servers", sum(max(0, s.max_size - s.idle - s.borrowed) for s in stats)),
+        ("login_clients", sum(1 for s in sessions if not s.user)),
+    ]
+    return ("list", "items"), rows
+
+
 def show_version(_proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
     return ("version",), [(f"trioproxy {_version()}",)]
 
@@ -558,6 +622,9 @@ _SHOW = {
     "SERVERS": show_servers,
     "STATS": show_stats,
     "CONFIG": show_config,
+    "DATABASES": show_databases,
+    "USERS": show_users,
+    "LISTS": show_lists,
     "VERSION": show_version,
     "HELP": show_help,
 }

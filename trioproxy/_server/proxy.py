@@ -311,6 +311,7 @@ class Proxy:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self._pool_nursery = await nursery.start(_child_nursery)
+                    self.secrets.start_once(self._pool_nursery, self)
                     clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
                     addresses: list[ProxyAddress] = []
                     for listener in listeners:
