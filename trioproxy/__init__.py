@@ -8,7 +8,7 @@ Public API (everything else is private and may change)::
 
 from __future__ import annotations
 
-from trioproxy._server.proxy import ProxyAddress, serve
+from trioproxy._server.proxy import Proxy, ProxyAddress, open_proxy, serve
 from trioproxy.config import (
     BackendConfig,
     BackendTLS,
@@ -33,12 +33,14 @@ __all__ = [
     "ListenAddress",
     "PoolConfig",
     "PoolMode",
+    "Proxy",
     "ProxyAddress",
     "ProxyConfig",
     "TrioproxyError",
     "UserConfig",
     "__version__",
     "load_config",
+    "open_proxy",
     "parse_config",
     "serve",
 ]

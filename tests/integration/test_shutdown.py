@@ -296,3 +296,19 @@ def test_second_sigterm_stops_at_once(
             conn.execute("select 2")
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("mode", ["pinned", "session"])
+def test_drain_does_not_wait_for_idle_pinned_or_session_clients(proxy_factory, mode) -> None:
+    proxy = proxy_factory(pool={"pool_mode": "transaction" if mode == "pinned" else "session"})
+    conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    try:
+        conn.execute("listen drain_test")  # pins in transaction mode
+        assert conn.execute("select 1").fetchone() == (1,)
+        started = time.monotonic()
+        proxy.thread.drain(timeout=20)
+        assert time.monotonic() - started < 5  # released at once, not after the timeout
+        with pytest.raises(errors.AdminShutdown):
+            conn.execute("select 1")
+    finally:
+        conn.close()

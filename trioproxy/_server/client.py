@@ -655,9 +655,20 @@ class ClientSession:
 
         return enable
 
+    def drain_wake(self) -> None:
+        """The proxy is shutting down: a client parked on its pinned or session-mode
+        connection between transactions lets it go now (the pool resets it), and then
+        gets its FATAL 57P01 like everyone else."""
+        relay = self._relay_in_progress
+        if relay is not None:
+            relay.release_if_idle()
+
     def _hold(self) -> tuple[bool, bool]:
         """Asked at each transaction boundary: (pinned, session mode). Pending unpins
-        settle here, unless an error happened since they were sent."""
+        settle here, unless an error happened since they were sent. While the proxy
+        drains, nothing holds a connection past its transaction."""
+        if self.proxy.draining:
+            return False, False
         if self.session.pending:
             errors_seen = self.tracker.errors != self._errors_checked
             unpins = self.proxy.stats.unpins

@@ -354,6 +354,7 @@ class Proxy:
             scope = session.wait_scope
             if scope is not None:
                 scope.cancel()
+            session.drain_wake()
 
     @property
     def open_clients(self) -> int:

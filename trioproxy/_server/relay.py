@@ -127,6 +127,12 @@ class Relay:
             session_mode=session_mode,
         )
 
+    def release_if_idle(self) -> None:
+        """End the link now if it is between transactions (called from another task;
+        both pumps are then parked in receive_some, which is safe to cancel)."""
+        if self._scope is not None and DECISION[self.state()] is Decision.RELEASE:
+            self._finish(Outcome.RELEASE)
+
     def _maybe_finish(self) -> None:
         # The session is asked (and settles its pending unpins) only at a real
         # boundary, i.e. when everything else already allows a release.
