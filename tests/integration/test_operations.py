@@ -496,7 +496,9 @@ def test_grafana_dashboard_uses_only_exported_metrics(proxy_factory) -> None:
         with urllib.request.urlopen(metrics_url(proxy), timeout=5) as response:  # noqa: S310
             text = response.read().decode()
     declared = set(re.findall(r"^# TYPE (\w+) ", text, re.MULTILINE))
-    exported = declared | {f"{name}_total" for name in declared}
+    exported = declared | {
+        f"{name}{suffix}" for name in declared for suffix in ("_total", "_bucket", "_sum", "_count")
+    }
     dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
     used = {
         name
@@ -514,3 +516,22 @@ def test_grafana_dashboard_uses_only_exported_metrics(proxy_factory) -> None:
     assert all(n in documented or f"{n}_total" in documented for n in declared), sorted(
         n for n in declared if n not in documented and f"{n}_total" not in documented
     )
+
+
+def test_borrow_latency_histogram_counts_every_borrow(proxy_factory) -> None:
+    proxy = proxy_factory(
+        proxy={"metrics_listen": "127.0.0.1:0"}, pool={"pool_mode": "transaction"}
+    )
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for _ in range(7):
+            conn.execute("select 1")
+        with urllib.request.urlopen(metrics_url(proxy), timeout=5) as response:  # noqa: S310
+            text = response.read().decode()
+    count = re.search(r"^trioproxy_borrow_latency_seconds_count\{[^}]*\} (\S+)$", text, re.M)
+    inf = re.search(
+        r'^trioproxy_borrow_latency_seconds_bucket\{[^}]*le="\+Inf"[^}]*\} (\S+)$', text, re.M
+    )
+    assert count is not None
+    assert inf is not None
+    # every statement borrowed once (the login may add its own borrows)
+    assert float(count.group(1)) == float(inf.group(1)) >= 7

@@ -23,6 +23,7 @@ import trio
 
 from trioproxy._pool.budget import PoolLimits, ServerBudget
 from trioproxy._pool.core import Effects, Grant, Open, PoolCore, PoolStatistics, Wait
+from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._protocol.codes import TxStatus
 from trioproxy._server.backend import BackendTarget, ServerConnection, connect_server
 from trioproxy._server.transport import TransportClosed
@@ -78,6 +79,8 @@ class BackendPool:
         self._nursery: trio.Nursery | None = None
         self._wake_maintenance = trio.Event()
         self.borrow_timeouts = 0
+        #: How long borrows waited (successful ones), for the metrics endpoint.
+        self.borrow_latency = LatencyHistogram()
         self.setup_failures = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -104,7 +107,12 @@ class BackendPool:
     async def borrow(self, timeout: float) -> ServerConnection:  # noqa: ASYNC109 - the deadline also decides retry and which error
         """A clean server connection for the caller, or BorrowTimeout / BackendError."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        deadline = trio.current_time() + timeout
+        started = trio.current_time()
+        conn = await self._borrow(started + timeout)
+        self.borrow_latency.observe(trio.current_time() - started)
+        return conn
+
+    async def _borrow(self, deadline: float) -> ServerConnection:
         backoff = 0.05
         last_error: BackendError | None = None
         while True:

@@ -20,6 +20,7 @@ from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -180,6 +181,11 @@ class ProxyCollector:
             "trioproxy_borrow_timeouts",
             "Borrows that gave up after connection_borrow_timeout.",
         )
+        latency = HistogramMetricFamily(
+            "trioproxy_borrow_latency_seconds",
+            "How long clients waited for a server connection (successful borrows).",
+            labels=list(_POOL_LABELS),
+        )
         for (database, user), pool in sorted(self.proxy.pools.items()):
             labels = [database, user]
             s = pool.statistics()
@@ -192,7 +198,11 @@ class ProxyCollector:
             failed.add_metric(labels, pool.setup_failures)
             closed.add_metric(labels, s.total_closed)
             timeouts.add_metric(labels, pool.borrow_timeouts)
+            latency.add_metric(
+                labels, pool.borrow_latency.buckets(), sum_value=pool.borrow_latency.total
+            )
         yield from (current, borrowed, idle, waiting, max_allowed, opened, failed, closed, timeouts)
+        yield latency
 
 
 def render(proxy: Proxy) -> bytes:
