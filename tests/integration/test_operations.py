@@ -535,3 +535,24 @@ def test_borrow_latency_histogram_counts_every_borrow(proxy_factory) -> None:
     assert inf is not None
     # every statement borrowed once (the login may add its own borrows)
     assert float(count.group(1)) == float(inf.group(1)) >= 7
+
+
+def test_query_requests_and_response_latency(proxy_factory) -> None:
+    proxy = proxy_factory(
+        proxy={"metrics_listen": "127.0.0.1:0"}, pool={"pool_mode": "transaction"}
+    )
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for _ in range(5):
+            conn.execute("select pg_sleep(0.01)")
+    time.sleep(0.2)
+    with urllib.request.urlopen(metrics_url(proxy), timeout=5) as response:  # noqa: S310
+        text = response.read().decode()
+    requests = re.search(r"^trioproxy_query_requests_total (\S+)$", text, re.M)
+    count = re.search(r"^trioproxy_query_response_seconds_count (\S+)$", text, re.M)
+    total = re.search(r"^trioproxy_query_response_seconds_sum (\S+)$", text, re.M)
+    assert requests is not None
+    assert count is not None
+    assert total is not None
+    assert float(requests.group(1)) >= 5
+    assert float(count.group(1)) >= 5
+    assert float(total.group(1)) >= 0.05  # five 10 ms sleeps at least

@@ -844,6 +844,7 @@ class ClientSession:
             on_parameter_status=self._on_parameter_status,
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
             statements=linked,
+            response_latency=self.proxy.response_latency,
             enable_statements=(
                 self._enable_statements(conn) if self.pool_mode is PoolMode.TRANSACTION else None
             ),
@@ -855,6 +856,7 @@ class ClientSession:
             self._relay_in_progress = None
         self.proxy.stats.bytes_from_clients += relay.bytes_from_client
         self.proxy.stats.bytes_from_servers += relay.bytes_from_server
+        self.proxy.stats.query_requests += relay.requests
         if outcome is Outcome.RELEASE:
             self.transactions += 1
             if self.session.touched or self.session.reset_all:

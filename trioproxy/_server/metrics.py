@@ -107,6 +107,18 @@ class ProxyCollector:
             "Bytes received from servers and relayed to clients.",
             value=stats.bytes_from_servers,
         )
+        yield CounterMetricFamily(
+            "trioproxy_query_requests",
+            "Client requests relayed (Query, Sync, FunctionCall: each ends in ReadyForQuery).",
+            value=stats.query_requests,
+        )
+        latency = HistogramMetricFamily(
+            "trioproxy_query_response_seconds",
+            "Time from a client's request to the server's ReadyForQuery.",
+        )
+        histogram = proxy.response_latency
+        latency.add_metric([], histogram.buckets(), sum_value=histogram.total)
+        yield latency
         yield from self._pools()
         budget = proxy.budget
         yield GaugeMetricFamily(

@@ -30,6 +30,7 @@ import trio
 from trioproxy._auth.channel_binding import tls_server_end_point
 from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
 from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
+from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._pool.pool import BackendPool
 from trioproxy._protocol.messages import CancelRequest
 from trioproxy._server.admission import ClientFilter, LoginThrottle, peer_host
@@ -67,6 +68,8 @@ class ProxyStats:
     reload_failures: int = 0
     started_at: float = 0.0
     #: pin reason -> times a client was pinned / unpinned for it
+    #: Queries, Syncs and function calls relayed (each answered by one ReadyForQuery).
+    query_requests: int = 0
     pins: dict[str, int] = attrs.field(factory=dict)
     unpins: dict[str, int] = attrs.field(factory=dict)
 
@@ -109,6 +112,8 @@ class Proxy:
         self._client_ids = itertools.count(1)
         self._pool_nursery: trio.Nursery | None = None
         self.stats = ProxyStats()
+        #: Time from a client's request to the server's ReadyForQuery.
+        self.response_latency = LatencyHistogram()
         pool_config = config.pool
         self.limits = PoolLimits(
             max_connections=pool_config.max_connections,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -33,11 +34,13 @@ from trioproxy._protocol.framing import Message, ScannedMessage, StreamScanner
 from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_backend
 from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.link import DECISION, Decision, LinkState, link_state
+from trioproxy._session.tracker import ANSWERED_BY_READY
 from trioproxy.errors import ProtocolError, SQLState
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from trioproxy._pool.latency import LatencyHistogram
     from trioproxy._server.backend import ServerConnection
     from trioproxy._session.prepared import LinkedMapper
     from trioproxy._session.tracker import TransactionTracker
@@ -77,6 +80,7 @@ class Relay:
         idle_in_transaction_timeout: float,
         statements: LinkedMapper | None = None,
         enable_statements: Callable[[], LinkedMapper] | None = None,
+        response_latency: LatencyHistogram | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -97,6 +101,10 @@ class Relay:
         #: A message of the proxy's own for the client, sent at the next message boundary
         #: of the server stream (the server->client pump is the client's only writer).
         self._notice = b""
+        #: When each request still owed a ReadyForQuery was sent (for the latency metric).
+        self._asked: deque[float] = deque()
+        self._response_latency = response_latency
+        self.requests = 0
         self._to_server_busy = False
         self._to_client_busy = False
         self._outcome: Outcome | None = None
@@ -180,10 +188,14 @@ class Relay:
         if from_boundary:
             self._maybe_enable_statements(messages)
         terminate_end = -1
+        now = trio.current_time()
         for type_, body, end in messages:
             if type_ == Frontend.TERMINATE:
                 terminate_end = end
                 break
+            if type_ in ANSWERED_BY_READY:
+                self._asked.append(now)
+                self.requests += 1
             try:
                 self.tracker.client_message(type_)
             except ProtocolError as exc:
@@ -294,6 +306,10 @@ class Relay:
             try:
                 scanned = self.server_scanner.feed(chunk)
                 for type_, body, _end in scanned:
+                    if type_ == Backend.READY_FOR_QUERY and self._asked:
+                        asked = self._asked.popleft()
+                        if self._response_latency is not None:
+                            self._response_latency.observe(trio.current_time() - asked)
                     self.tracker.server_message(type_, body)
                     if type_ == Backend.PARAMETER_STATUS and body is not None:
                         status = decode_backend(Message(type_, body))
