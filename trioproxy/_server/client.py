@@ -21,52 +21,33 @@ import hmac
 import logging
 import secrets
 import struct
-import time
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import trio
 
-from trioproxy._auth.md5 import md5_check
-from trioproxy._auth.scram import ScramServer
-from trioproxy._auth.sigv4 import TokenRejected, looks_like_auth_token, verify_auth_token
 from trioproxy._protocol.codes import Backend, Frontend, TxStatus
 from trioproxy._protocol.framing import (
     Message,
     MessageReader,
     ScannedMessage,
-    StartupReader,
     StreamScanner,
 )
 from trioproxy._protocol.messages import (
-    AuthenticationCleartextPassword,
-    AuthenticationMD5Password,
     AuthenticationOk,
-    AuthenticationSASL,
-    AuthenticationSASLContinue,
-    AuthenticationSASLFinal,
     BackendKeyData,
     Close,
     NoticeResponse,
     ParameterStatus,
     Parse,
-    PasswordMessage,
     Query,
     ReadyForQuery,
-    SASLInitialResponse,
-    SASLResponse,
     decode_frontend,
     error_bytes,
     parameter_status_bytes,
 )
-from trioproxy._protocol.startup import (
-    CancelRequestPacket,
-    GSSENCRequestPacket,
-    SSLRequestPacket,
-    StartupPacket,
-    parse_startup_packet,
-)
 from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_login, serve_admin
-from trioproxy._server.admission import peer_host
+from trioproxy._server.authentication import ClientAuthentication, _LoginFailed
+from trioproxy._server.parameters import ClientParameters
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.link import DISPOSITION, Disposition, LinkState, link_state
@@ -76,7 +57,7 @@ from trioproxy._session.pinning import (
 from trioproxy._session.prepared import LinkedMapper, StatementMapper
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
-from trioproxy.config import ClientPasswordAuthType, IamAuth, PoolMode
+from trioproxy.config import PoolMode
 from trioproxy.errors import (
     AuthenticationFailed,
     BackendError,
@@ -87,9 +68,8 @@ from trioproxy.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
-    from trioproxy._auth.credentials import UserCredentials
     from trioproxy._pool.pool import BackendPool
     from trioproxy._server.backend import ServerConnection
     from trioproxy._server.proxy import Proxy
@@ -99,47 +79,7 @@ logger = logging.getLogger("trioproxy.client")
 _READY_IDLE = ReadyForQuery(TxStatus.IDLE).encode()
 
 
-class _LoginFailed(Exception):
-    """Login ended; the client was already told why (or cannot be)."""
-
-
-def _quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _parse_options(options: str) -> dict[str, str]:
-    """``-c name=value`` / ``--name=value`` pairs of the ``options`` startup parameter."""
-    result: dict[str, str] = {}
-    words = options.split()
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "-c" and i + 1 < len(words):
-            word = words[i + 1]
-            i += 1
-        elif word.startswith(("-c", "--")):
-            word = word[2:]
-        else:
-            raise AuthenticationFailed(
-                f"unsupported option in startup packet: {word!r}",
-                sqlstate=SQLState.FEATURE_NOT_SUPPORTED,
-            )
-        name, sep, value = word.partition("=")
-        if not sep:
-            raise AuthenticationFailed(
-                f"invalid option in startup packet: {word!r}",
-                sqlstate=SQLState.INVALID_PARAMETER_VALUE,
-            )
-        result[name.replace("-", "_").lower()] = value.replace("\\ ", " ")
-        i += 1
-    return result
-
-
-class ClientSession:
+class ClientSession(ClientAuthentication, ClientParameters):
     def __init__(
         self, proxy: Proxy, transport: Transport, client_id: int, *, over_limit: bool
     ) -> None:
@@ -295,238 +235,6 @@ class ClientSession:
             # Pipelined bytes after authentication belong to the serving phase.
             self._carry_over = reader.take_buffered()
 
-    async def _negotiate(self) -> StartupPacket:
-        reader = StartupReader()
-        tls_context = self.proxy.tls_context
-        while True:
-            packet = reader.next_packet()
-            if packet is None:
-                reader.feed(await self._receive())
-                continue
-            request = parse_startup_packet(packet)
-            if isinstance(request, SSLRequestPacket):
-                if self.transport.is_tls:
-                    raise ProtocolError("SSLRequest received over an encrypted connection")
-                if reader.buffered:
-                    # CVE-2021-23214: bytes after SSLRequest were sent in the clear.
-                    raise ProtocolError("received unencrypted data after SSL request")
-                if tls_context is None:
-                    await self._send(b"N")
-                    continue
-                await self._send(b"S")
-                await self.transport.start_tls(tls_context, server_side=True)
-            elif isinstance(request, GSSENCRequestPacket):
-                if reader.buffered:
-                    raise ProtocolError("received unencrypted data after GSSENC request")
-                await self._send(b"N")
-            elif isinstance(request, CancelRequestPacket):
-                await self.proxy.cancel(request.process_id, request.secret_key)
-                raise _LoginFailed
-            else:
-                if reader.buffered:
-                    self._carry_over = b""
-                    raise ProtocolError("unexpected data after the startup packet")
-                return request
-
-    async def _read_password_message(self, reader: MessageReader) -> bytes:
-        while (message := reader.next_message()) is None:
-            reader.feed(await self._receive())
-        if message.type != Frontend.PASSWORD:
-            raise ProtocolError(f"expected SASL response, got message type {chr(message.type)!r}")
-        return message.body
-
-    async def _authenticate(self, reader: MessageReader) -> None:
-        # One snapshot of the credentials for the whole exchange: a secret refresh that
-        # swaps proxy.credentials meanwhile affects only later logins.
-        store = self.proxy.credentials
-        user = store.lookup(self.user)
-        if user is not None and user.iam_auth is not IamAuth.DISABLED:
-            await self._authenticate_iam(reader, user)
-            return
-        if user is not None and user.client_password_auth_type is ClientPasswordAuthType.MD5:
-            await self._authenticate_md5(reader, user)
-            return
-        # Over TLS, SCRAM-SHA-256-PLUS is offered with our certificate's binding data.
-        binding = self.proxy.channel_binding if self.transport.is_tls else None
-        scram = ScramServer(store.verifier_for(self.user), channel_binding=binding)
-        await self._send(AuthenticationSASL(scram.mechanisms).encode())
-        try:
-            initial = SASLInitialResponse.parse(await self._read_password_message(reader))
-            server_first = scram.handle_client_first(initial.mechanism, initial.data)
-            await self._send(AuthenticationSASLContinue(server_first).encode())
-            final = SASLResponse.parse(await self._read_password_message(reader))
-            await self._throttle_answer()
-            server_final = scram.handle_client_final(final.data)
-            if store.lookup(self.user) is None:
-                raise AuthenticationFailed("unknown user")  # unreachable: mock never matches
-        except AuthenticationFailed as exc:
-            # Same answer for a wrong password and an unknown user: no enumeration.
-            await self._login_failed(
-                f'password authentication failed for user "{self.user}"', exc.message
-            )
-        except ProtocolError as exc:
-            # A broken or downgraded SCRAM exchange (e.g. channel binding claimed but not
-            # used) counts as a failed login too; run() answers it with its SQLSTATE.
-            logger.info(
-                "client %d: SCRAM exchange for user %r refused: %s", self.id, self.user, exc.message
-            )
-            self._count_failed_login()
-            raise
-        await self._send(AuthenticationSASLFinal(server_final).encode())
-
-    async def _authenticate_md5(self, reader: MessageReader, user: UserCredentials) -> None:
-        """``client_password_auth_type = "md5"``: AuthenticationMD5Password with a fresh
-        random salt, checked against md5(password + user) in constant time."""
-        salt = secrets.token_bytes(4)
-        await self._send(AuthenticationMD5Password(salt).encode())
-        response = PasswordMessage.parse(await self._read_password_message(reader)).password
-        await self._throttle_answer()
-        stored = user.md5_verifier
-        if stored is None or not md5_check(stored, salt, response):
-            await self._login_failed(
-                f'password authentication failed for user "{self.user}"', "wrong password (md5)"
-            )
-
-    def _count_failed_login(self) -> None:
-        self.proxy.stats.failed_logins += 1
-        self.proxy.login_throttle.record_failure(
-            peer_host(self.transport.peer), trio.current_time()
-        )
-
-    async def _throttle_answer(self) -> None:
-        """Failed-login back-off: once this client's address has failed too often, wait
-        before *any* authentication answer (so the wait reveals nothing). Only this
-        client's task sleeps; client_login_timeout still bounds the whole login."""
-        delay = self.proxy.login_throttle.delay_for(
-            peer_host(self.transport.peer), trio.current_time()
-        )
-        if delay > 0:
-            logger.debug(
-                "client %d: authentication answer delayed %.2f s (failed logins from %s)",
-                self.id,
-                delay,
-                self.transport.peer,
-            )
-            await trio.sleep(delay)
-
-    async def _login_failed(self, message: str, reason: str) -> NoReturn:
-        """Refuse the login: the client gets ``message``, only the log gets ``reason``."""
-        logger.info(
-            "client %d: authentication failed for user %r from %s: %s",
-            self.id,
-            self.user,
-            self.transport.peer,
-            reason,
-        )
-        self._count_failed_login()
-        await self._fatal(SQLState.INVALID_PASSWORD, message)
-        raise _LoginFailed
-
-    async def _authenticate_iam(self, reader: MessageReader, user: UserCredentials) -> None:
-        """An IAM-style auth token (or, with iam_auth = ENABLED, the password) sent as a
-        cleartext password: asked for only over TLS, as RDS Proxy does."""
-        if not self.transport.is_tls:
-            logger.info("client %d: IAM login refused without TLS", self.id)
-            await self._fatal(
-                SQLState.INVALID_AUTHORIZATION,
-                "IAM authentication is allowed only with SSL connections.",
-            )
-            raise _LoginFailed
-        await self._send(AuthenticationCleartextPassword().encode())
-        body = await self._read_password_message(reader)
-        secret = PasswordMessage.parse(body).password.decode("utf-8", "surrogateescape")
-        await self._throttle_answer()
-        policy = self.proxy.iam_policy
-        if looks_like_auth_token(secret) and policy is not None:
-            try:
-                verified = verify_auth_token(
-                    secret,
-                    db_user=self.user,
-                    keys=self.proxy.iam_keys,
-                    policy=policy,
-                    now=time.time(),
-                )
-            except TokenRejected as exc:
-                await self._login_failed(
-                    f'IAM authentication failed for user "{self.user}"', f"token rejected: {exc}"
-                )
-            logger.info(
-                "client %d: IAM token of key %s accepted for user %r",
-                self.id,
-                verified.access_key_id,
-                self.user,
-            )
-            return
-        if user.iam_auth is IamAuth.ENABLED and user.verifier is not None:
-            verifier = user.verifier
-            # PBKDF2 is deliberately slow: keep it off the event loop.
-            if await trio.to_thread.run_sync(verifier.check_password, secret):
-                return
-            await self._login_failed(
-                f'password authentication failed for user "{self.user}"', "wrong password"
-            )
-        await self._login_failed(
-            f'IAM authentication failed for user "{self.user}"', "not an IAM auth token"
-        )
-
-    def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
-        requested: dict[str, str] = {}
-        for name, value in startup.items():
-            lower = name.lower()
-            if lower in ("user", "database", "replication"):
-                if lower == "replication" and value.lower() not in ("false", "off", "0", "no"):
-                    raise AuthenticationFailed(
-                        "replication connections are not supported by trioproxy",
-                        sqlstate=SQLState.FEATURE_NOT_SUPPORTED,
-                    )
-                continue
-            if lower == "options":
-                requested.update(_parse_options(value))
-                continue
-            requested[lower] = value
-        return requested
-
-    async def _establish_parameters(self, requested: Mapping[str, str]) -> None:
-        """Learn the server's parameters and put the client's requested ones in force.
-
-        When the client asks for nothing that differs from the server's defaults, no
-        server round trip is needed (the common case for most drivers).
-        """
-        assert self.pool is not None
-        defaults = self.pool.server_parameters
-        needs_server = defaults is None or any(
-            name not in TRACKED_PARAMETERS or _lookup(defaults, name) != value
-            for name, value in requested.items()
-        )
-        if not needs_server:
-            assert defaults is not None
-            self.parameters = {
-                k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS
-            }
-            return
-        conn = await self._borrow()
-        try:
-            self.parameters = {
-                k.lower(): v for k, v in conn.parameters.items() if k.lower() in TRACKED_PARAMETERS
-            }
-            # The server's defaults for the untracked ones are whatever RESET gives.
-            self.extra_parameters = {
-                k: v for k, v in requested.items() if k not in TRACKED_PARAMETERS
-            }
-            self.startup_extra_parameters = dict(self.extra_parameters)
-            for name, value in requested.items():
-                if name in TRACKED_PARAMETERS:
-                    self.parameters[name] = value
-            await self._sync_parameters(conn)
-            # Adopt the server's spelling of what it accepted (e.g. 'ISO, MDY').
-            for name, value in conn.parameters.items():
-                if name.lower() in TRACKED_PARAMETERS:
-                    self.parameters[name.lower()] = value
-        finally:
-            self._give_back_server()
-
-    _carry_over: bytes = b""
-
     @property
     def pool_mode(self) -> PoolMode:
         """This client's pooling mode: its user's ``pool_mode``, else ``[pool]``'s."""
@@ -540,71 +248,6 @@ class ClientSession:
         """Why this client holds its server connection across transactions, or None."""
         reasons = self.session.reasons
         return ", ".join(reasons) if reasons else None
-
-    def _reported_parameters(self) -> dict[str, str]:
-        assert self.pool is not None
-        reported = dict(self.pool.server_parameters or {})
-        canonical = {k.lower(): k for k in reported}
-        for name, value in self.parameters.items():
-            reported[canonical.get(name, name)] = value
-        return reported
-
-    async def _sync_parameters(self, conn: ServerConnection) -> None:
-        """Make the server connection's session parameters this client's (one round trip
-        only when something differs)."""
-        # set_config takes the value as the server printed it (a list such as
-        # search_path '"$user", public' included), which SET name TO 'literal' does not.
-        changes: list[str] = []
-        server_values = {k.lower(): v for k, v in conn.parameters.items()}
-        for name, value in self.parameters.items():
-            if server_values.get(name) != value:
-                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
-        applied: dict[str, str] = conn.extra_parameters
-        for name, value in self.extra_parameters.items():
-            if applied.get(name) != value:
-                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
-        resets = [name for name in applied if name not in self.extra_parameters]
-        if not changes and not resets:
-            return
-        statements = [f"RESET {_quote_ident(name)}" for name in resets]
-        if changes:
-            statements.append(  # every name and value went through _quote_literal
-                "SELECT pg_catalog.set_config(n, v, false) FROM (VALUES "  # noqa: S608
-                + ", ".join(changes)
-                + ") AS t(n, v)"
-            )
-        await conn.run("; ".join(statements))
-        conn.extra_parameters = dict(self.extra_parameters)
-
-    async def _read_back_parameters(self, conn: ServerConnection) -> None:
-        """After a transaction that SET untracked parameters: learn their values from the
-        server, to replay them on the next connection (instead of pinning)."""
-        session = self.session
-        if session.reset_all:
-            # RESET ALL / DISCARD ALL go back to the session defaults, which include the
-            # startup options: those are put back on the next connection that serves.
-            self.extra_parameters = dict(self.startup_extra_parameters)
-            conn.extra_parameters.clear()
-            session.reset_all = False
-        names = sorted(session.touched)
-        session.touched.clear()
-        if not names:
-            return
-        rows = ", ".join(
-            f"({i}, pg_catalog.current_setting({_quote_literal(name)}, true))"
-            for i, name in enumerate(names)
-        )
-        query = f"SELECT v FROM (VALUES {rows}) AS t(i, v) ORDER BY i"  # noqa: S608 - quoted
-        values = await conn.run(query)
-        for name, value in zip(names, values, strict=True):
-            if value is None:
-                self.extra_parameters.pop(name, None)
-                conn.extra_parameters.pop(name, None)
-            else:
-                self.extra_parameters[name] = value
-                conn.extra_parameters[name] = value
-
-    # --- serving ----------------------------------------------------------------------
 
     async def _borrow(self) -> ServerConnection:
         assert self.pool is not None
@@ -947,13 +590,6 @@ class ClientSession:
 
 def _has_named_parse(messages: list[ScannedMessage]) -> bool:
     return any(t == Frontend.PARSE and body and body[0] != 0 for t, body, _end in messages)
-
-
-def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
-    for key, value in parameters.items():
-        if key.lower() == name:
-            return value
-    return None
 
 
 def new_secret() -> int:

@@ -14,11 +14,7 @@ above ``OPEN_MAX`` (kern.maxfilesperproc); the call then falls back to that cap.
 from __future__ import annotations
 
 import logging
-
-try:  # POSIX only
-    import resource
-except ImportError:  # pragma: no cover - Windows
-    resource = None  # type: ignore[assignment]
+import resource
 
 __all__ = ["OPEN_MAX_FALLBACK", "raise_fd_limit"]
 
@@ -34,8 +30,6 @@ def raise_fd_limit() -> tuple[int, int]:
     Never lowers the soft limit and never raises the hard one. Failures are logged, not
     raised: the proxy runs on with the limit it was given.
     """
-    if resource is None:  # pragma: no cover - Windows
-        return (-1, -1)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard
     if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or target > soft):
@@ -70,6 +64,6 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 def _show(value: int) -> str:
-    if resource is not None and value == resource.RLIM_INFINITY:
+    if value == resource.RLIM_INFINITY:
         return "unlimited"
     return str(value)

@@ -1,0 +1,224 @@
+"""Session parameters: what each client has in force, put on whichever connection serves it.
+
+[shell] A mixin of ``ClientSession``. Reported parameters (application_name, TimeZone,
+...) follow ParameterStatus; untracked ones (startup options, session SETs) are read back
+from the server at the end of the transaction that changed them and replayed with
+``set_config`` on the next connection, which costs a round trip only when something differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from trioproxy._session.pinning import (
+    TRACKED_PARAMETERS,
+)
+from trioproxy.errors import (
+    AuthenticationFailed,
+    SQLState,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from trioproxy._pool.pool import BackendPool
+    from trioproxy._server.backend import ServerConnection
+    from trioproxy._server.proxy import Proxy
+    from trioproxy._server.transport import Transport
+    from trioproxy._session.state import SessionState
+    from trioproxy.config import Config
+
+
+logger = logging.getLogger("trioproxy.client")
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _parse_options(options: str) -> dict[str, str]:
+    """``-c name=value`` / ``--name=value`` pairs of the ``options`` startup parameter."""
+    result: dict[str, str] = {}
+    words = options.split()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            word = words[i + 1]
+            i += 1
+        elif word.startswith(("-c", "--")):
+            word = word[2:]
+        else:
+            raise AuthenticationFailed(
+                f"unsupported option in startup packet: {word!r}",
+                sqlstate=SQLState.FEATURE_NOT_SUPPORTED,
+            )
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise AuthenticationFailed(
+                f"invalid option in startup packet: {word!r}",
+                sqlstate=SQLState.INVALID_PARAMETER_VALUE,
+            )
+        result[name.replace("-", "_").lower()] = value.replace("\\ ", " ")
+        i += 1
+    return result
+
+
+def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
+    for key, value in parameters.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+class ClientParameters:
+    # Provided by ClientSession (declared here for the type checker).
+    proxy: Proxy
+    config: Config
+    transport: Transport
+    id: int
+    user: str
+    database: str
+    pool: BackendPool | None
+    server: ServerConnection | None
+    parameters: dict[str, str]
+    extra_parameters: dict[str, str]
+    startup_extra_parameters: dict[str, str]
+    session: SessionState
+    secret_key: bytes
+
+    if TYPE_CHECKING:
+
+        async def _send(self, data: bytes) -> None: ...
+        async def _receive(self) -> bytes: ...
+        async def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None: ...
+        async def _borrow(self) -> ServerConnection: ...
+        def _give_back_server(self) -> None: ...
+
+    def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
+        requested: dict[str, str] = {}
+        for name, value in startup.items():
+            lower = name.lower()
+            if lower in ("user", "database", "replication"):
+                if lower == "replication" and value.lower() not in ("false", "off", "0", "no"):
+                    raise AuthenticationFailed(
+                        "replication connections are not supported by trioproxy",
+                        sqlstate=SQLState.FEATURE_NOT_SUPPORTED,
+                    )
+                continue
+            if lower == "options":
+                requested.update(_parse_options(value))
+                continue
+            requested[lower] = value
+        return requested
+
+    async def _establish_parameters(self, requested: Mapping[str, str]) -> None:
+        """Learn the server's parameters and put the client's requested ones in force.
+
+        When the client asks for nothing that differs from the server's defaults, no
+        server round trip is needed (the common case for most drivers).
+        """
+        assert self.pool is not None
+        defaults = self.pool.server_parameters
+        needs_server = defaults is None or any(
+            name not in TRACKED_PARAMETERS or _lookup(defaults, name) != value
+            for name, value in requested.items()
+        )
+        if not needs_server:
+            assert defaults is not None
+            self.parameters = {
+                k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS
+            }
+            return
+        conn = await self._borrow()
+        try:
+            self.parameters = {
+                k.lower(): v for k, v in conn.parameters.items() if k.lower() in TRACKED_PARAMETERS
+            }
+            # The server's defaults for the untracked ones are whatever RESET gives.
+            self.extra_parameters = {
+                k: v for k, v in requested.items() if k not in TRACKED_PARAMETERS
+            }
+            self.startup_extra_parameters = dict(self.extra_parameters)
+            for name, value in requested.items():
+                if name in TRACKED_PARAMETERS:
+                    self.parameters[name] = value
+            await self._sync_parameters(conn)
+            # Adopt the server's spelling of what it accepted (e.g. 'ISO, MDY').
+            for name, value in conn.parameters.items():
+                if name.lower() in TRACKED_PARAMETERS:
+                    self.parameters[name.lower()] = value
+        finally:
+            self._give_back_server()
+
+    _carry_over: bytes = b""
+
+    def _reported_parameters(self) -> dict[str, str]:
+        assert self.pool is not None
+        reported = dict(self.pool.server_parameters or {})
+        canonical = {k.lower(): k for k in reported}
+        for name, value in self.parameters.items():
+            reported[canonical.get(name, name)] = value
+        return reported
+
+    async def _sync_parameters(self, conn: ServerConnection) -> None:
+        """Make the server connection's session parameters this client's (one round trip
+        only when something differs)."""
+        # set_config takes the value as the server printed it (a list such as
+        # search_path '"$user", public' included), which SET name TO 'literal' does not.
+        changes: list[str] = []
+        server_values = {k.lower(): v for k, v in conn.parameters.items()}
+        for name, value in self.parameters.items():
+            if server_values.get(name) != value:
+                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
+        applied: dict[str, str] = conn.extra_parameters
+        for name, value in self.extra_parameters.items():
+            if applied.get(name) != value:
+                changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")
+        resets = [name for name in applied if name not in self.extra_parameters]
+        if not changes and not resets:
+            return
+        statements = [f"RESET {_quote_ident(name)}" for name in resets]
+        if changes:
+            statements.append(  # every name and value went through _quote_literal
+                "SELECT pg_catalog.set_config(n, v, false) FROM (VALUES "  # noqa: S608
+                + ", ".join(changes)
+                + ") AS t(n, v)"
+            )
+        await conn.run("; ".join(statements))
+        conn.extra_parameters = dict(self.extra_parameters)
+
+    async def _read_back_parameters(self, conn: ServerConnection) -> None:
+        """After a transaction that SET untracked parameters: learn their values from the
+        server, to replay them on the next connection (instead of pinning)."""
+        session = self.session
+        if session.reset_all:
+            # RESET ALL / DISCARD ALL go back to the session defaults, which include the
+            # startup options: those are put back on the next connection that serves.
+            self.extra_parameters = dict(self.startup_extra_parameters)
+            conn.extra_parameters.clear()
+            session.reset_all = False
+        names = sorted(session.touched)
+        session.touched.clear()
+        if not names:
+            return
+        rows = ", ".join(
+            f"({i}, pg_catalog.current_setting({_quote_literal(name)}, true))"
+            for i, name in enumerate(names)
+        )
+        query = f"SELECT v FROM (VALUES {rows}) AS t(i, v) ORDER BY i"  # noqa: S608 - quoted
+        values = await conn.run(query)
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                self.extra_parameters.pop(name, None)
+                conn.extra_parameters.pop(name, None)
+            else:
+                self.extra_parameters[name] = value
+                conn.extra_parameters[name] = value
+
+    # --- serving ----------------------------------------------------------------------
