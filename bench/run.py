@@ -12,9 +12,11 @@ What one invocation does:
    pgbouncer, trioproxy, direct, ...): starts the target cold (PgBouncer or
    ``python -m trioproxy --config bench.toml`` as a subprocess, each with a pool of
    ``--pool-size`` server connections), waits until PostgreSQL has no connection to the
-   benchmark database, then runs the scenario's load generator in a *separate process*
+   benchmark database (and, up to ``--wait-idle`` s, until other programs on the machine
+   are quiet), then runs the scenario's load generator in a *separate process*
    (``python bench/run.py --loadgen SPEC``, asyncio + asyncpg) while a superuser connection
-   samples ``pg_stat_activity`` every 100 ms; then stops the target by PID;
+   samples ``pg_stat_activity`` every 100 ms; then stops the target by PID. A run during
+   which other programs used more than 10% of the CPU is measured again (``--retries``);
 3. prints a table and writes ``bench/results/<scenario>.md`` and ``.json`` (``--quick`` runs
    go to ``bench/results/tmp/``, which git ignores);
 4. stops and removes everything in a ``finally``, also after Ctrl-C or SIGTERM.
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
     from types import FrameType
 
     from trioproxy.demo import Cluster
@@ -218,7 +220,7 @@ async def connect_query_disconnect(spec: dict[str, Any], stats: LoadStats, windo
             conn.terminate()
 
 
-WORKLOADS: dict[str, Callable[[dict[str, Any], LoadStats, Window], Awaitable[None]]] = {
+WORKLOADS: dict[str, Callable[[dict[str, Any], LoadStats, Window], Coroutine[Any, Any, None]]] = {
     "connect-query-disconnect": connect_query_disconnect,
 }
 
@@ -416,14 +418,14 @@ def foreign_cpu_by_name(before: ProcessTable, after: ProcessTable, ours: set[int
             seen += 1
         return False
 
-    used: Counter[str] = Counter()
+    used: Counter[str] = Counter()  # name -> CPU seconds
     for pid, (_parent, started, cpu, name) in after.items():
         if is_ours(pid):
             continue
         previous = before.get(pid)
         ticks = cpu - (previous[2] if previous and previous[1] == started else 0)
         if ticks:
-            used[re.sub(r"[/:].*", "", name)] += ticks / clock_ticks()
+            used[re.sub(r"[/:].*", "", name)] += ticks / clock_ticks()  # type: ignore[assignment]
     return used
 
 
@@ -1072,8 +1074,9 @@ MAX_FOREIGN_SHARE = 0.10
 
 def foreign_share(run: dict[str, Any]) -> float:
     """The share of the machine's CPU capacity that other programs used during a run."""
-    capacity = (os.cpu_count() or 1) * max(run["wall_s"], 0.001)
-    return float(run.get("foreign_cpu_s") or 0.0) / capacity
+    capacity = (os.cpu_count() or 1) * max(float(run["wall_s"]), 0.001)
+    foreign = float(run.get("foreign_cpu_s") or 0.0)
+    return foreign / capacity
 
 
 def one_line(run: dict[str, Any]) -> str:

@@ -151,3 +151,31 @@ def test_node_postgres_named_queries(proxy_factory, node_modules, tmp_path) -> N
     sums = json.loads(run_node(NODE_NAMED_QUERIES, node_modules, env, tmp_path).splitlines()[-1])
     assert sums == [sum(2 * (c * 100 + i) for i in range(10)) for c in range(20)]
     assert proxy.proxy.pinned_count() == 0
+
+
+def test_asyncpg_login_costs_no_server_round_trip(proxy_factory) -> None:
+    """asyncpg asks for client_encoding 'utf-8'; the server says UTF8: the same encoding,
+    so logging in must not borrow a server connection to SET it."""
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 2})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")  # the pool now knows the server's parameters
+    pool = next(iter(proxy.proxy.pools.values()))
+    before = pool.borrow_latency.count
+    context = ssl.create_default_context(cafile=str(proxy.tls.ca_cert))
+
+    async def login() -> str:
+        conn = await asyncpg.connect(
+            host="localhost",
+            port=proxy.port,
+            user="app",
+            password="app-secret",
+            database="app",
+            ssl=context,
+        )
+        try:
+            return conn.get_settings().client_encoding
+        finally:
+            await conn.close()
+
+    assert asyncio.run(login()) == "UTF8"
+    assert pool.borrow_latency.count == before

@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trioproxy.client")
 
 
+def _same_value(name: str, current: str | None, requested: str) -> bool:
+    """Would asking for ``requested`` change ``current``? Encoding names are compared the
+    way PostgreSQL matches them ('utf-8', 'UTF8' and "'utf-8'" are one encoding), so a
+    driver that spells it differently (asyncpg) costs no server round trip at login."""
+    if current is None:
+        return False
+    if name == "client_encoding":
+        return _encoding_key(current) == _encoding_key(requested)
+    return current == requested
+
+
+def _encoding_key(value: str) -> str:
+    return "".join(ch for ch in value.lower() if ch.isalnum())
+
+
 def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -126,7 +141,7 @@ class ClientParameters:
         assert self.pool is not None
         defaults = self.pool.server_parameters
         needs_server = defaults is None or any(
-            name not in TRACKED_PARAMETERS or _lookup(defaults, name) != value
+            name not in TRACKED_PARAMETERS or not _same_value(name, _lookup(defaults, name), value)
             for name, value in requested.items()
         )
         if not needs_server:
