@@ -520,6 +520,14 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 "terminating connection due to idle-in-transaction timeout",
             )
             return outcome
+        if outcome is Outcome.CLIENT_STALLED:
+            logger.info(
+                "client %d: stopped reading its results; closed after idle_in_transaction_timeout",
+                self.id,
+            )
+            self._give_back_server()
+            self.transport.close()  # half a message went to it: nothing more can follow
+            return outcome
         if outcome is Outcome.CLIENT_PROTOCOL_ERROR:
             self._give_back_server()
             await self._fatal(SQLState.PROTOCOL_VIOLATION, relay.error or "protocol violation")

@@ -61,6 +61,9 @@ class Outcome(enum.Enum):
     CLIENT_PROTOCOL_ERROR = "client protocol error"
     #: Idle in transaction for longer than allowed.
     IDLE_IN_TRANSACTION = "idle in transaction timeout"
+    #: The client stopped reading its results for longer than idle_in_transaction_timeout
+    #: (the send to it was cut: the client stream is broken and gets closed).
+    CLIENT_STALLED = "client stopped reading"
 
 
 class Relay:
@@ -328,7 +331,15 @@ class Relay:
             self._to_client_busy = True
             try:
                 if chunk:
-                    await self.client.send_all(chunk)
+                    # Backpressure: while the client does not read, neither do we (memory
+                    # stays bounded). A client that stops reading for longer than
+                    # idle_in_transaction_timeout loses its connection, not the server.
+                    stall = self._idle_in_tx if self._idle_in_tx > 0 else math.inf
+                    with trio.move_on_after(stall) as stalled:
+                        await self.client.send_all(chunk)
+                    if stalled.cancelled_caught:
+                        self._finish(Outcome.CLIENT_STALLED)
+                        return
             except TransportClosed:
                 self._finish(Outcome.CLIENT_GONE)
                 return
