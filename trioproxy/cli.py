@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trioproxy._server.limits import raise_fd_limit
 from trioproxy.config import Config, LogFormat, load_config
 from trioproxy.errors import ConfigError, TrioproxyError
 
@@ -121,6 +122,9 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _serve(config: Config) -> int:
+    # A proxy holds two descriptors per linked client: use all the kernel allows. Done here,
+    # not in Proxy.run, so embedding never changes a process-wide limit behind the app.
+    raise_fd_limit()
     try:
         trio.run(_run, config)
     except BaseException as exc:

@@ -556,3 +556,12 @@ def test_query_requests_and_response_latency(proxy_factory) -> None:
     assert float(requests.group(1)) >= 5
     assert float(count.group(1)) >= 5
     assert float(total.group(1)) >= 0.05  # five 10 ms sleeps at least
+
+
+def test_debug_logging_has_statement_lines_without_literals(proxy_factory, caplog) -> None:
+    proxy = proxy_factory(proxy={"debug_logging": True})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("select 'a-literal-value' as x, 42")
+    lines = [r.getMessage() for r in caplog.records if ": query " in r.getMessage()]
+    assert any("select ? as x , ?" in line for line in lines), lines
+    assert not any("a-literal-value" in r.getMessage() for r in caplog.records)

@@ -90,6 +90,7 @@ class ClientAuthentication:
 
     async def _negotiate(self) -> StartupPacket:
         reader = StartupReader()
+        ssl_refused = False
         tls_context = self.proxy.tls_context
         while True:
             packet = reader.next_packet()
@@ -98,13 +99,14 @@ class ClientAuthentication:
                 continue
             request = parse_startup_packet(packet)
             if isinstance(request, SSLRequestPacket):
-                if self.transport.is_tls:
-                    raise ProtocolError("SSLRequest received over an encrypted connection")
+                if self.transport.is_tls or ssl_refused:
+                    raise ProtocolError("SSL negotiation was already done on this connection")
                 if reader.buffered:
                     # CVE-2021-23214: bytes after SSLRequest were sent in the clear.
                     raise ProtocolError("received unencrypted data after SSL request")
                 if tls_context is None:
                     await self._send(b"N")
+                    ssl_refused = True
                     continue
                 await self._send(b"S")
                 await self.transport.start_tls(tls_context, server_side=True)
@@ -113,7 +115,11 @@ class ClientAuthentication:
                     raise ProtocolError("received unencrypted data after GSSENC request")
                 await self._send(b"N")
             elif isinstance(request, CancelRequestPacket):
-                await self.proxy.cancel(request.process_id, request.secret_key)
+                # Guessed keys cost time: a wrong key counts as a failed login of this
+                # address, so its next attempts wait (never cancelling anyone else's query).
+                await self._throttle_answer()
+                if not await self.proxy.cancel(request.process_id, request.secret_key):
+                    self._count_failed_login()
                 raise _LoginFailed
             else:
                 if reader.buffered:

@@ -80,8 +80,10 @@ class ServerConnection:
         return not (self.transport.broken or self.transport.closed)
 
     def close(self) -> None:
-        self.transport.close()
         callback, self.on_close = self.on_close, None
+        if callback is not None:  # first close: log it once
+            logger.info("server connection %d closed", self.id)
+        self.transport.close()
         if callback is not None:
             callback()
 

@@ -55,6 +55,7 @@ from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
 )
 from trioproxy._session.prepared import LinkedMapper, StatementMapper
+from trioproxy._session.sqlscan import fingerprint, split_statements
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
 from trioproxy.config import PoolMode
@@ -329,6 +330,15 @@ class ClientSession(ClientAuthentication, ClientParameters):
         except ProtocolError:
             new = [r] if (r := self.session._pin("unparsable statement", None)) else []
         else:
+            if self.config.proxy.debug_logging and isinstance(message, (Query, Parse)):
+                # debug_logging: one line per statement, literals removed (no values,
+                # no secrets typed into SQL).
+                logger.debug(
+                    "client %d: %s %s",
+                    self.id,
+                    "query" if isinstance(message, Query) else "parse",
+                    "; ".join(fingerprint(st) for st in split_statements(message.sql)),
+                )
             if isinstance(message, Query):
                 new = self.session.on_sql(message.sql)
                 if self.session.forgets_statements():

@@ -219,24 +219,25 @@ class Proxy:
     def sessions(self) -> Iterator[ClientSession]:
         return iter(list(self.clients.values()))
 
-    async def cancel(self, process_id: int, secret_key: bytes) -> None:
-        """Forward a CancelRequest to the server connection the client uses right now."""
+    async def cancel(self, process_id: int, secret_key: bytes) -> bool:
+        """Forward a CancelRequest to the server connection the client uses right now.
+        Returns whether the key was right."""
         session = self._cancel_keys.get(process_id)
         # Compare even when unknown, so timing does not reveal which ids exist.
         expected = session.secret_key if session is not None else b"\0\0\0\0"
         if not hmac.compare_digest(secret_key, expected) or session is None:
             logger.info("cancel request with an unknown key ignored")
-            return
+            return False
         server = session.server
         if server is None or server.key is None:
-            return  # nothing running: nothing to cancel
+            return True  # nothing running: nothing to cancel
         backend = self.config.backend
         with trio.move_on_after(backend.connect_timeout):
             try:
                 transport = await open_tcp(backend.host, backend.port)
             except TrioproxyError as exc:
                 logger.warning("cancel for client %d failed: %s", session.id, exc.message)
-                return
+                return True
             try:
                 await transport.send_all(
                     CancelRequest(server.key.process_id, server.key.secret_key).encode()
@@ -247,6 +248,7 @@ class Proxy:
             finally:
                 transport.close()
         logger.info("client %d: query cancelled on server connection %d", session.id, server.id)
+        return True
 
     async def _run_client(self, sock: socket.socket, peer: str) -> None:
         # The periodic secret refresh runs in the pools' nursery, started with the first

@@ -211,7 +211,11 @@ class Relay:
             chunk = chunk[: terminate_end - len(_TERMINATE)]
             messages = [m for m in messages if m[2] <= terminate_end - len(_TERMINATE)]
         if self._statements is not None:
-            chunk = self._translate_client(chunk, messages)
+            try:
+                chunk = self._translate_client(chunk, messages)
+            except ProtocolError as exc:
+                self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
+                return
         if chunk:
             self._to_server_busy = True
             try:

@@ -35,6 +35,7 @@ import attrs
 
 from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.messages import Close, Parse, frame
+from trioproxy.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -47,8 +48,13 @@ _PARSE_COMPLETE: Final = frame(Backend.PARSE_COMPLETE, b"")
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    end = body.index(b"\0", pos)
-    return body[pos:end].decode(), end + 1
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise RemoteProtocolError("malformed message: unterminated string")
+    try:
+        return body[pos:end].decode(), end + 1
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("malformed message: string is not valid UTF-8") from None
 
 
 @attrs.frozen
@@ -202,8 +208,13 @@ class LinkedMapper:
             name, pos = _cstring(body, 0)
             if name:
                 sql, pos = _cstring(body, pos)
-                (count,) = _I16.unpack_from(body, pos)
-                types = struct.unpack_from(f"!{count}I", body, pos + 2) if count > 0 else ()
+                try:
+                    (count,) = _I16.unpack_from(body, pos)
+                    if count < 0:
+                        raise RemoteProtocolError("malformed Parse: negative parameter count")
+                    types = struct.unpack_from(f"!{count}I", body, pos + 2) if count else ()
+                except struct.error:
+                    raise RemoteProtocolError("malformed Parse: too short") from None
                 definition = StatementDef.from_parse(sql, tuple(types))
                 self.mapper.statements[name] = definition
                 if self._has(definition.server_name):
