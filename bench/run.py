@@ -842,6 +842,7 @@ class Environment:
         self.tls_ca: Path | None = None
         self.config_files: dict[str, Path] = {}
         self.pgbench_scale: int | None = None  # set once pgbench -i has run
+        self.trioproxy_tls: tuple[Path | str, Path | str] = ("", "")
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -859,6 +860,7 @@ class Environment:
         # TLS clients, so one configuration serves both variants. Server connections: plain.
         tls = make_self_signed_ca_and_server(self.base / "tls")
         self.tls_ca = tls.ca_cert
+        self.trioproxy_tls = (tls.server_cert, tls.server_key)
         self.tls_ca.chmod(0o644)
         for source, name in ((tls.server_cert, "server.crt"), (tls.server_key, "server.key")):
             copy = cluster.datadir / name
@@ -922,7 +924,6 @@ class Environment:
             port = free_port_checked()
             config = workdir / "bench.toml"
             self.config_files["trioproxy"] = config
-            self.trioproxy_tls = (tls.server_cert, tls.server_key)
             config.write_text(self.trioproxy_toml(port))
             argv = [sys.executable, "-m", "trioproxy", "--config", str(config)]
             env = clean_env(**{PASSWORD_ENV: self.password})
@@ -1511,7 +1512,7 @@ def run_cases(
                 result = measure_with_retries(
                     env, env.targets[name], lambda t, case=case: work(case, t)
                 )
-                result.update(case=case["case"], repetition=repetition, **case)
+                result.update({**case, "repetition": repetition})
                 say("        " + line(result))
                 runs.append(result)
     return runs
@@ -2303,7 +2304,12 @@ def parser() -> argparse.ArgumentParser:
         prog="bench/run.py",
         description="Benchmark trioproxy against direct PostgreSQL and PgBouncer, in one run.",
     )
-    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="storm")
+    p.add_argument(
+        "--scenario",
+        choices=["all", *SCENARIOS],
+        default="all",
+        help="one scenario, or all of them in one run (default: all)",
+    )
     p.add_argument("--clients", type=parse_clients, help="client counts, e.g. 1000,3000")
     p.add_argument("--duration", type=float, help="seconds of load per run")
     p.add_argument("--repeat", type=int, default=1, help="repetitions (interleaved; default 1)")
@@ -2318,7 +2324,14 @@ def parser() -> argparse.ArgumentParser:
         default=TARGETS,
         help="subset of direct,pgbouncer,trioproxy",
     )
-    p.add_argument("--pool-size", type=int, default=90, help="server connections per pooler")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        help="server connections per pooler (default: storm 90, the others 20)",
+    )
+    p.add_argument(
+        "--pgbench-scale", type=int, default=10, help="pgbench -i scale factor (default 10)"
+    )
     p.add_argument("--sleep", type=float, default=0.05, help="pg_sleep seconds per query")
     p.add_argument("--client-timeout", type=float, default=30.0, help="seconds per attempt")
     p.add_argument(
@@ -2349,8 +2362,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    scenario = SCENARIOS[args.scenario]
+def settings_from(args: argparse.Namespace, name: str) -> Settings:
+    scenario = SCENARIOS[name]
     clients = args.clients or (scenario.quick_clients if args.quick else scenario.clients)
     duration = args.duration or (scenario.quick_duration if args.quick else scenario.duration)
     output = args.output or (RESULTS / "tmp" if args.quick else RESULTS)
@@ -2360,7 +2373,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         duration=duration,
         repeat=max(1, args.repeat),
         targets=args.targets,
-        pool_size=args.pool_size,
+        pool_size=args.pool_size or scenario.pool_size,
+        pgbench_scale=args.pgbench_scale,
         sleep=args.sleep,
         client_timeout=args.client_timeout,
         retry_pause=args.retry_pause,
@@ -2383,18 +2397,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadgen_main(args.loadgen)
     from trioproxy.demo import DemoError
 
-    settings = settings_from(args)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    every = [settings_from(args, name) for name in names]
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     began = time.monotonic()
-    say(
-        f"trioproxy bench: scenario {settings.scenario}, clients {settings.clients}, "
-        f"{settings.duration:g} s each, targets {','.join(settings.targets)}, "
-        f"repeat {settings.repeat}"
-    )
     env: Environment | None = None
+    failed: list[str] = []
     try:
-        env = Environment(settings)
+        env = Environment(every[0])
         env.setup()
         say(
             f"  PostgreSQL on port {env.cluster.port}; "
@@ -2404,20 +2415,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if name != "direct"
             )
         )
-        runs = run_scenario(env)
-        report: dict[str, Any] = {
-            "scenario": settings.scenario,
-            "command": command_line(argv),
-            "machine": machine_info(settings, env.bindir, env.pgbouncer),
-            "settings": {
-                **{k: v for k, v in dataclasses.asdict(settings).items() if k != "output"},
-                "postgresql": PG_SETTINGS,
-                "pgbouncer_ini": env.pgbouncer_ini(0) if env.pgbouncer else None,
-                "trioproxy_toml": env.trioproxy_toml(0),
-            },
-            "runs": runs,
-            "ratios": summarize(runs, settings),
-        }
+        for settings in every:
+            say(
+                f"trioproxy bench: scenario {settings.scenario}, clients {settings.clients}, "
+                f"{settings.duration:g} s each, targets {','.join(settings.targets)}, "
+                f"repeat {settings.repeat}, pool size {settings.pool_size}"
+            )
+            env.configure(settings)
+            try:
+                runs = SCENARIO_RUNNERS[settings.scenario](env)
+            except (BenchError, DemoError) as exc:
+                say(f"\nscenario {settings.scenario} failed: {exc}")
+                failed.append(settings.scenario)
+                continue
+            write_report(env, settings, argv, runs)
     except KeyboardInterrupt:
         say("\ninterrupted: stopping everything")
         return 130
@@ -2428,19 +2439,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         if env is not None:
             env.close()
             say(f"  cleaned up ({'removed' if not env.base.exists() else 'left'} {env.base})")
+    say(f"done in {time.monotonic() - began:.0f} s" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def write_report(
+    env: Environment, settings: Settings, argv: Sequence[str], runs: list[dict[str, Any]]
+) -> None:
+    """Print the tables and write ``<scenario>.md`` and ``.json`` at once, so that what was
+    measured survives a later scenario's failure."""
+    report: dict[str, Any] = {
+        "scenario": settings.scenario,
+        "command": command_line(argv),
+        "machine": machine_info(settings, env.bindir, env.pgbouncer),
+        "settings": {
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "output"},
+            "postgresql": PG_SETTINGS,
+            "pgbouncer_ini": env.pgbouncer_ini(0) if env.pgbouncer else None,
+            "trioproxy_toml": env.trioproxy_toml(0),
+        },
+        "runs": runs,
+    }
+    if settings.scenario == "storm":
+        report["ratios"] = summarize(runs, settings)
+        text, markdown = render_text(report), render_markdown(report)
+    else:
+        spec = CASE_REPORTS[settings.scenario]
+        report["results"] = case_results(runs, spec)
+        report["ratios"] = case_ratios(report["results"], spec)
+        text, markdown = render_cases_text(report), render_cases_markdown(report)
     say()
-    say(render_text(report))
+    say(text)
     settings.output.mkdir(parents=True, exist_ok=True)
     md = settings.output / f"{settings.scenario}.md"
-    md.write_text(render_markdown(report))
+    md.write_text(markdown)
     data = settings.output / f"{settings.scenario}.json"
     data.write_text(json.dumps(report, indent=1, default=str) + "\n")
     say()
-    say(
-        f"wrote {os.path.relpath(md)} and {os.path.relpath(data)} "
-        f"in {time.monotonic() - began:.0f} s"
-    )
-    return 0
+    say(f"wrote {os.path.relpath(md)} and {os.path.relpath(data)}")
+    say()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import ssl
 import struct
 from collections.abc import Callable
@@ -101,13 +102,24 @@ class ServerConnection:
                         pass
         self.close()
 
-    async def run(self, sql: str) -> list[str | None]:
+    async def run(self, sql: str, *, timeout: float = math.inf) -> list[str | None]:  # noqa: ASYNC109 - a timeout breaks the connection, the caller must know
         """Run the proxy's own simple query; return the first column of each row.
 
         ParameterStatus changes update ``parameters``. Raises BackendError with the
-        server's error. The connection is left at ReadyForQuery (its transaction status
-        in ``tx_status``).
+        server's error, or when the server does not answer within ``timeout`` (then the
+        connection is broken: it is never reused). The connection is left at
+        ReadyForQuery (its transaction status in ``tx_status``).
         """
+        try:
+            with trio.fail_after(timeout):
+                return await self._run(sql)
+        except trio.TooSlowError:
+            self.transport.broken = True
+            raise BackendError(
+                f"server connection {self.id} did not answer the proxy within {timeout:g} s"
+            ) from None
+
+    async def _run(self, sql: str) -> list[str | None]:
         await self.transport.send_all(Query(sql).encode())
         reader = MessageReader()
         values: list[str | None] = []

@@ -205,7 +205,7 @@ class ClientParameters:
                 + ", ".join(changes)
                 + ") AS t(n, v)"
             )
-        await conn.run("; ".join(statements))
+        await conn.run("; ".join(statements), timeout=self.config.backend.connect_timeout)
         conn.extra_parameters = dict(self.extra_parameters)
 
     async def _read_back_parameters(self, conn: ServerConnection) -> None:
@@ -227,7 +227,7 @@ class ClientParameters:
             for i, name in enumerate(names)
         )
         query = f"SELECT v FROM (VALUES {rows}) AS t(i, v) ORDER BY i"  # noqa: S608 - quoted
-        values = await conn.run(query)
+        values = await conn.run(query, timeout=self.config.backend.connect_timeout)
         for name, value in zip(names, values, strict=True):
             if value is None:
                 self.extra_parameters.pop(name, None)
