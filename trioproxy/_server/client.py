@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import secrets
 import struct
 from typing import TYPE_CHECKING
 
 import trio
 
-from trioproxy._protocol.codes import Backend, Frontend, TxStatus
+from trioproxy._protocol.codes import Frontend, TxStatus
 from trioproxy._protocol.framing import (
     Message,
     MessageReader,
@@ -608,10 +607,3 @@ class ClientSession(ClientAuthentication, ClientParameters):
 
 def _has_named_parse(messages: list[ScannedMessage]) -> bool:
     return any(t == Frontend.PARSE and body and body[0] != 0 for t, body, _end in messages)
-
-
-def new_secret() -> int:
-    return secrets.randbits(32)
-
-
-_unused = (Backend,)

@@ -41,7 +41,7 @@ from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
 from trioproxy.config import BackendTLS, Config, load_config
-from trioproxy.errors import AuthenticationFailed, ConfigError, SQLState, TrioproxyError
+from trioproxy.errors import AuthenticationFailed, ConfigError, TrioproxyError
 
 if TYPE_CHECKING:
     import ssl
@@ -647,6 +647,3 @@ async def open_proxy(config: Config) -> AsyncIterator[Proxy]:
             proxy.stop()
             raise
         await proxy.drain()
-
-
-_unused = (SQLState,)

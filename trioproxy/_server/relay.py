@@ -35,7 +35,7 @@ from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_back
 from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.link import DECISION, Decision, LinkState, link_state
 from trioproxy._session.tracker import ANSWERED_BY_READY
-from trioproxy.errors import ProtocolError, SQLState
+from trioproxy.errors import ProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -357,4 +357,3 @@ class Relay:
 
 SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})
 CLIENT_INSPECT = frozenset({Frontend.QUERY, Frontend.PARSE, Frontend.CLOSE})
-CONNECTION_FAILURE = SQLState.CONNECTION_FAILURE
