@@ -40,6 +40,7 @@ from trioproxy._protocol.startup import (
     parse_startup_packet,
 )
 from trioproxy._server.admission import peer_host
+from trioproxy._server.session_base import SessionBase
 from trioproxy.config import ClientPasswordAuthType, IamAuth
 from trioproxy.errors import (
     AuthenticationFailed,
@@ -49,12 +50,6 @@ from trioproxy.errors import (
 
 if TYPE_CHECKING:
     from trioproxy._auth.credentials import UserCredentials
-    from trioproxy._pool.pool import BackendPool
-    from trioproxy._server.backend import ServerConnection
-    from trioproxy._server.proxy import Proxy
-    from trioproxy._server.transport import Transport
-    from trioproxy._session.state import SessionState
-    from trioproxy.config import Config
 
 
 logger = logging.getLogger("trioproxy.client")
@@ -64,30 +59,7 @@ class _LoginFailed(Exception):
     """Login ended; the client was already told why (or cannot be)."""
 
 
-class ClientAuthentication:
-    # Provided by ClientSession (declared here for the type checker).
-    proxy: Proxy
-    config: Config
-    transport: Transport
-    id: int
-    user: str
-    database: str
-    pool: BackendPool | None
-    server: ServerConnection | None
-    parameters: dict[str, str]
-    extra_parameters: dict[str, str]
-    startup_extra_parameters: dict[str, str]
-    session: SessionState
-    secret_key: bytes
-
-    if TYPE_CHECKING:
-
-        async def _send(self, data: bytes) -> None: ...
-        async def _receive(self) -> bytes: ...
-        async def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None: ...
-        async def _borrow(self) -> ServerConnection: ...
-        def _give_back_server(self) -> None: ...
-
+class ClientAuthentication(SessionBase):
     async def _negotiate(self) -> StartupPacket:
         reader = StartupReader()
         ssl_refused = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from trioproxy._server.session_base import SessionBase
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
 )
@@ -22,12 +23,7 @@ from trioproxy.errors import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from trioproxy._pool.pool import BackendPool
     from trioproxy._server.backend import ServerConnection
-    from trioproxy._server.proxy import Proxy
-    from trioproxy._server.transport import Transport
-    from trioproxy._session.state import SessionState
-    from trioproxy.config import Config
 
 
 logger = logging.getLogger("trioproxy.client")
@@ -91,30 +87,7 @@ def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-class ClientParameters:
-    # Provided by ClientSession (declared here for the type checker).
-    proxy: Proxy
-    config: Config
-    transport: Transport
-    id: int
-    user: str
-    database: str
-    pool: BackendPool | None
-    server: ServerConnection | None
-    parameters: dict[str, str]
-    extra_parameters: dict[str, str]
-    startup_extra_parameters: dict[str, str]
-    session: SessionState
-    secret_key: bytes
-
-    if TYPE_CHECKING:
-
-        async def _send(self, data: bytes) -> None: ...
-        async def _receive(self) -> bytes: ...
-        async def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None: ...
-        async def _borrow(self) -> ServerConnection: ...
-        def _give_back_server(self) -> None: ...
-
+class ClientParameters(SessionBase):
     def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         requested: dict[str, str] = {}
         for name, value in startup.items():
