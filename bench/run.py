@@ -21,11 +21,22 @@ What one invocation does:
    go to ``bench/results/tmp/``, which git ignores);
 4. stops and removes everything in a ``finally``, also after Ctrl-C or SIGTERM.
 
-Scenarios (``--scenario``; one registry, ``SCENARIOS``):
+Scenarios (``--scenario``, default all of them; one registry, ``SCENARIOS``):
 
 * ``storm``: N clients at once (default 1,000 and 3,000) for ``--duration`` seconds, each in
   a loop: connect (SCRAM), ``select pg_sleep(0.05)``, disconnect. Direct PostgreSQL refuses
   most of them (``sorry, too many clients already``); a pooler queues them.
+* ``tps``: pgbench select-only (``-S``) with ``-M simple``, ``extended`` and ``prepared``,
+  and the TPC-B-like default script, at 10 and 50 clients (``-j 2``), 15 s per run: tps,
+  latency average and stddev, and the pooler's CPU µs per transaction.
+* ``churn``: ``pgbench -C -S`` (a new connection per transaction), plain and TLS.
+* ``connect_latency``: 200 sequential psycopg connections (connect, ``select 1``, close),
+  plain and TLS: p50/p95/p99 of connect-to-first-row.
+* ``memory``: 2,000 idle authenticated asyncpg clients; the pooler's VmRSS before and
+  after, in kB per client (poolers only).
+
+All but storm are a list of cases, each run ``--repeat`` times per target, interleaved; the
+reports give medians and trioproxy's ratios to PgBouncer and to direct.
 
 PgBouncer 1.18 comes from Debian's package; when it is missing and we are root it is
 installed with apt-get (the system service is never started). As root, PostgreSQL and
@@ -1500,8 +1511,10 @@ def run_cases(
     targets: Sequence[str],
     work: Callable[[dict[str, Any], Target], dict[str, Any]],
     line: Callable[[dict[str, Any]], str],
+    per: tuple[str, str],
 ) -> list[dict[str, Any]]:
-    """Each case, each repetition, each target, interleaved; every run measured."""
+    """Each case, each repetition, each target, interleaved; every run measured. ``per``:
+    (count key, result key) for the pooler's CPU µs per counted unit (transaction, login)."""
     settings = env.settings
     runs: list[dict[str, Any]] = []
     total = len(cases) * settings.repeat * len(targets)
@@ -1513,6 +1526,7 @@ def run_cases(
                     env, env.targets[name], lambda t, case=case: work(case, t)
                 )
                 result.update({**case, "repetition": repetition})
+                per_tx(result, *per)
                 say("        " + line(result))
                 runs.append(result)
     return runs
@@ -1551,11 +1565,10 @@ def run_tps(env: Environment) -> list[dict[str, Any]]:
     ]
 
     def work(case: dict[str, Any], target: Target) -> dict[str, Any]:
-        result = run_pgbench(env, target, case["options"], case["clients"], tls=False)
-        per_tx(result, "transactions", "proxy_cpu_us_per_tx")
-        return result
+        return run_pgbench(env, target, case["options"], case["clients"], tls=False)
 
-    return run_cases(env, cases, env.settings.targets, work, pgbench_line)
+    per = ("transactions", "proxy_cpu_us_per_tx")
+    return run_cases(env, cases, env.settings.targets, work, pgbench_line, per)
 
 
 def run_churn(env: Environment) -> list[dict[str, Any]]:
@@ -1572,11 +1585,10 @@ def run_churn(env: Environment) -> list[dict[str, Any]]:
     ]
 
     def work(case: dict[str, Any], target: Target) -> dict[str, Any]:
-        result = run_pgbench(env, target, case["options"], case["clients"], tls=case["tls"])
-        per_tx(result, "transactions", "proxy_cpu_us_per_tx")
-        return result
+        return run_pgbench(env, target, case["options"], case["clients"], tls=case["tls"])
 
-    return run_cases(env, cases, env.settings.targets, work, pgbench_line)
+    per = ("transactions", "proxy_cpu_us_per_tx")
+    return run_cases(env, cases, env.settings.targets, work, pgbench_line, per)
 
 
 def helper_spec(env: Environment, target: Target, workload: str) -> dict[str, Any]:
@@ -1616,10 +1628,8 @@ def run_connect_latency(env: Environment) -> list[dict[str, Any]]:
             f"pooler CPU {fmt(run.get('proxy_cpu_us_per_connect'), 1)} µs/connect"
         )
 
-    runs = run_cases(env, cases, env.settings.targets, work, line)
-    for run in runs:
-        per_tx(run, "successes", "proxy_cpu_us_per_connect")
-    return runs
+    per = ("successes", "proxy_cpu_us_per_connect")
+    return run_cases(env, cases, env.settings.targets, work, line, per)
 
 
 def run_memory(env: Environment) -> list[dict[str, Any]]:
@@ -1660,10 +1670,7 @@ def run_memory(env: Environment) -> list[dict[str, Any]]:
             f"pooler CPU {fmt(run.get('proxy_cpu_us_per_login'), 1)} µs/login"
         )
 
-    runs = run_cases(env, cases, targets, work, line)
-    for run in runs:
-        per_tx(run, "connected", "proxy_cpu_us_per_login")
-    return runs
+    return run_cases(env, cases, targets, work, line, ("connected", "proxy_cpu_us_per_login"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1879,7 +1886,7 @@ def render_cases_text(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"{report['scenario']}: medians of {report['settings']['repeat']} repetition(s)",
-            text_table(headers, [[c.replace("`", "") for c in row] for row in rows]),
+            text_table(headers, [[c.replace("`", "")[:70] for c in row] for row in rows]),
             "",
             "ratios (trioproxy / reference)",
             text_table(ratio_headers, ratio_rows),
@@ -2204,7 +2211,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"asyncpg {machine['packages']['asyncpg']}",
         f"* Setup: PostgreSQL `max_connections = 100`, scram-sha-256, `fsync = off`; "
         f"PgBouncer and trioproxy in transaction mode with {settings['pool_size']} server "
-        "connections each, no TLS, SCRAM for clients; each pooler started cold for each run",
+        "connections each, SCRAM for clients, no TLS (offered, not used); each pooler "
+        "started cold for each run",
         f"* Clients: one asyncpg load-generator process (asyncio), all clients released at "
         f"once; a loop is connect, `select pg_sleep({settings['sleep']:g})`, disconnect; "
         f"an attempt gives up after {settings['client_timeout']:g} s; after a failed attempt "

@@ -521,6 +521,65 @@ def create_cluster(
         raise
 
 
+def create_standby(primary: PostgresServer) -> PostgresServer:
+    """A streaming standby of ``primary`` (pg_basebackup -R), started on its own port and
+    registered for teardown. The primary's pg_hba.conf must allow replication from
+    127.0.0.1 (``pg_factory(hba_lines=[REPLICATION_HBA])``)."""
+    assert primary.bindir is not None
+    base = Path(tempfile.mkdtemp(prefix="trioproxy-pg-", dir=os.environ.get("TRIOPROXY_PG_TMPDIR")))
+    server: PostgresServer | None = None
+    try:
+        _chown_to_owner(base)
+        datadir = base / "data"
+        conninfo = (
+            f"host=127.0.0.1 port={primary.port} user={primary.superuser} "
+            f"password={primary.superuser_password}"
+        )
+        _run(
+            [str(primary.bindir / "pg_basebackup"), "-d", conninfo, "-D", str(datadir),
+             "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"],
+            as_owner=True,
+            cwd=base,
+        )
+        with (datadir / "postgresql.conf").open("a") as f:
+            f.write(f"\nunix_socket_directories = '{base}'\n")
+        for attempt in range(5):
+            port = _free_port()
+            with (datadir / "postgresql.conf").open("a") as f:
+                f.write(f"port = {port}\n")
+            server = PostgresServer(
+                host="127.0.0.1",
+                port=port,
+                superuser=primary.superuser,
+                superuser_password=primary.superuser_password,
+                bindir=primary.bindir,
+                datadir=datadir,
+                socket_dir=base,
+                logfile=base / "postgres.log",
+            )
+            with _live_lock:
+                _live[base] = server
+            try:
+                server.start()
+                break
+            except PostgresSetupError:
+                if attempt < 4 and "could not bind" in server.log():
+                    _kill_postmaster(datadir)
+                    continue
+                raise
+        assert server is not None
+        return server
+    except BaseException:
+        with _live_lock:
+            _live.pop(base, None)
+        _destroy(base, server)
+        raise
+
+
+#: pg_hba.conf line a primary needs for create_standby.
+REPLICATION_HBA = "host replication all 127.0.0.1/32 scram-sha-256"
+
+
 def destroy_cluster(server: PostgresServer) -> None:
     if server.socket_dir is None:
         return

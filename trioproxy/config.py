@@ -155,6 +155,15 @@ class BackendConfig:
     backend_tls: BackendTLS = BackendTLS.DISABLE
     backend_tls_ca_file: Path | None = None
     connect_timeout: float = 10.0
+    #: Several servers (primary and standbys): new connections go to the writer. Empty:
+    #: just ``host:port``.
+    targets: tuple[ListenAddress, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        if self.targets:
+            return tuple((t.host, t.port) for t in self.targets)
+        return ((self.host, self.port),)
 
 
 @attrs.frozen(kw_only=True)
@@ -430,6 +439,13 @@ def _listen(value: object) -> tuple[ListenAddress, ...]:
     return tuple(addresses)
 
 
+def _targets(value: object) -> tuple[ListenAddress, ...]:
+    targets = _listen(value)
+    if any(t.port == 0 for t in targets):
+        raise _Invalid(f"ports must be 1..65535, got {_show(value)}")
+    return targets
+
+
 def _optional_listen(value: object) -> ListenAddress | None:
     """One ``"host:port"``; ``""`` means off."""
     text = _string()(value)
@@ -554,6 +570,7 @@ _BACKEND_KEYS: Final[Mapping[str, _Check]] = {
     "backend_tls": _enum(BackendTLS),
     "backend_tls_ca_file": _path,
     "connect_timeout": _number(0, above=True),
+    "targets": _targets,
 }
 _POOL_KEYS: Final[Mapping[str, _Check]] = {
     "pool_mode": _enum(PoolMode),
@@ -833,9 +850,7 @@ def parse_config(
 def _check_iam_users(ctx: _Context, iam: IamConfig, users: Mapping[str, UserConfig]) -> IamConfig:
     needs_iam = [u.name for u in users.values() if u.iam_auth is not IamAuth.DISABLED]
     if needs_iam and not iam.endpoints:
-        raise ctx.error(
-            "iam", "endpoints", f"required: user {needs_iam[0]!r} has iam_auth enabled"
-        )
+        raise ctx.error("iam", "endpoints", f"required: user {needs_iam[0]!r} has iam_auth enabled")
     if needs_iam and not iam.keys:
         raise ctx.error("iam", "keys", f"required: user {needs_iam[0]!r} has iam_auth enabled")
     return iam

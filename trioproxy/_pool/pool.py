@@ -32,6 +32,8 @@ from trioproxy.errors import BackendError, BorrowTimeout, ProtocolError, Triopro
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from trioproxy._pool.targets import TargetSet
+
 logger = logging.getLogger("trioproxy.pool")
 
 #: Reset of a connection a client left inside a transaction must finish within this.
@@ -56,6 +58,7 @@ class BackendPool:
         limits: PoolLimits,
         init_query: str = "",
         budget: ServerBudget | None = None,
+        targets: TargetSet | None = None,
         backend_login: Callable[[], tuple[str, str | None] | None] | None = None,
     ) -> None:
         self.name = name
@@ -67,6 +70,8 @@ class BackendPool:
         self.limits = limits
         self.init_query = init_query
         self.budget = budget if budget is not None else ServerBudget(limits)
+        #: Several servers: which one is the writer (shared by every pool of a proxy).
+        self.targets = targets
         self.core: PoolCore[ServerConnection, _Waiter] = PoolCore(
             max_size=self.budget.cap,
             max_idle=self.budget.max_idle,
@@ -167,7 +172,7 @@ class BackendPool:
         try:
             await self.budget.acquire(self)
             try:
-                conn = await connect_server(self._current_target(), now=trio.current_time())
+                conn = await self._connect_writer()
             except BaseException:
                 self.budget.release()
                 raise
@@ -187,6 +192,45 @@ class BackendPool:
         if self.server_parameters is None:
             self.server_parameters = dict(conn.parameters)
         return conn
+
+    async def _connect_writer(self) -> ServerConnection:
+        """A new server connection to the writer: with several targets, the last known
+        writer first, then the others; a standby (in recovery) is closed and skipped."""
+        targets = self.targets
+        base = self._current_target()
+        if targets is None:
+            return await connect_server(base, now=trio.current_time())
+        last: BackendError | None = None
+        for host, port in targets.candidates():
+            target = attrs.evolve(base, host=host, port=port)
+            try:
+                conn = await connect_server(target, now=trio.current_time())
+            except BackendError as exc:
+                if exc.permanent or exc.sqlstate[:2] in _PERMANENT_ERROR_CLASSES:
+                    raise
+                last = exc
+                continue
+            if targets.needs_writer_check:
+                try:
+                    in_recovery = await conn.run(
+                        "SELECT pg_catalog.pg_is_in_recovery()", timeout=base.connect_timeout
+                    )
+                except BackendError as exc:
+                    conn.close()
+                    last = exc
+                    continue
+                if in_recovery and in_recovery[0] == "t":
+                    conn.close()
+                    last = BackendError(
+                        f"server at {host}:{port} is a standby (in recovery)",
+                        sqlstate="57P03",
+                    )
+                    continue
+            if targets.found_writer((host, port)):
+                logger.warning("pool %s: the writer is now %s:%d", self.name, host, port)
+            return conn
+        assert last is not None
+        raise last
 
     def _current_target(self) -> BackendTarget:
         """``target`` with the backend user and password in force now (see backend_login)."""

@@ -73,6 +73,8 @@ class ServerConnection:
     extra_parameters: dict[str, str] = attrs.field(factory=dict)
     #: Protocol-level prepared statements this connection holds (shared server names).
     statements: ServerStatements = attrs.field(factory=lambda: ServerStatements(100))
+    #: The server's host and port (where cancel requests for it go).
+    address: tuple[str, int] = ("", 0)
     #: Called exactly once when the connection closes (the pool's budget unit).
     on_close: Callable[[], None] | None = None
 
@@ -258,6 +260,7 @@ async def connect_server(
         parameters=dict(result.parameters),
         created_at=now,
         last_used=now,
+        address=(target.host, target.port),
     )
     logger.info(
         "server connection %d opened to %s:%d as %s/%s",

@@ -32,6 +32,7 @@ from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
 from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
 from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._pool.pool import BackendPool
+from trioproxy._pool.targets import TargetSet
 from trioproxy._protocol.messages import CancelRequest
 from trioproxy._server.admission import ClientFilter, LoginThrottle, peer_host
 from trioproxy._server.backend import BackendTarget
@@ -123,6 +124,8 @@ class Proxy:
             server_idle_timeout=pool_config.server_idle_timeout,
         )
         self.budget = ServerBudget(self.limits)
+        #: Which of [backend] targets is the writer; shared by every pool.
+        self.targets = TargetSet(config.backend.addresses)
         iam = config.iam
         self.iam_keys = {
             key_id: AccessKey(
@@ -189,6 +192,7 @@ class Proxy:
             limits=self.limits,
             init_query=pool_config.init_query,
             budget=self.budget,
+            targets=self.targets,
             # Rotated secrets: each new server connection logs in with the backend user
             # and password of the credentials in force at that moment.
             backend_login=lambda: self.credentials.backend_login(user),
@@ -234,7 +238,7 @@ class Proxy:
         backend = self.config.backend
         with trio.move_on_after(backend.connect_timeout):
             try:
-                transport = await open_tcp(backend.host, backend.port)
+                transport = await open_tcp(*server.address)
             except TrioproxyError as exc:
                 logger.warning("cancel for client %d failed: %s", session.id, exc.message)
                 return True
