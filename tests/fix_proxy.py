@@ -113,7 +113,10 @@ def build_config(
         "users": users if users is not None else PROXY_USERS,
     }
     for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
+        if isinstance(values, list):  # arrays of tables, e.g. [[endpoints]]
+            data[section] = values
+        else:
+            data.setdefault(section, {}).update(values)
     return parse_config(data, source="<test>", base_dir=Path("."))
 
 

@@ -288,9 +288,24 @@ def _check_user_names(
             raise ValueError(f"users[{name!r}] holds the UserConfig of {user.name!r}")
 
 
+class EndpointRole(enum.Enum):
+    READ_WRITE = "read-write"
+    READ_ONLY = "read-only"
+
+
+@attrs.frozen(kw_only=True)
+class EndpointConfig:
+    """``[[endpoints]]``: an extra listener. ``read-only`` endpoints spread their clients
+    over the healthy standbys among ``[backend] targets`` (RDS Proxy's reader endpoint)."""
+
+    listen: tuple[ListenAddress, ...]
+    role: EndpointRole = EndpointRole.READ_ONLY
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     proxy: ProxyConfig = attrs.field(factory=ProxyConfig)
+    endpoints: tuple[EndpointConfig, ...] = ()
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     pool: PoolConfig = attrs.field(factory=PoolConfig)
     iam: IamConfig = attrs.field(factory=IamConfig)
@@ -605,7 +620,11 @@ _IAM_KEY_KEYS: Final[Mapping[str, _Check]] = {
     **{f"secret_access_key{suffix}": check for suffix, check in _SECRET_KEYS.items()},
     "allowed_users": _string_list,
 }
-_TABLES: Final = ("proxy", "backend", "pool", "iam", "users")
+_TABLES: Final = ("proxy", "backend", "pool", "iam", "users", "endpoints")
+_ENDPOINT_KEYS: Final[Mapping[str, _Check]] = {
+    "listen": _listen,
+    "role": _enum(EndpointRole),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -839,12 +858,26 @@ def parse_config(
     iam = _parse_iam(ctx, ctx.table(data, "iam", None))
     users = _parse_users(ctx, ctx.table(data, "users", None))
     return Config(
+        endpoints=_parse_endpoints(ctx, data.get("endpoints", [])),
         proxy=_parse_proxy(ctx, ctx.table(data, "proxy", None)),
         backend=_parse_backend(ctx, ctx.table(data, "backend", None)),
         pool=_parse_pool(ctx, ctx.table(data, "pool", None)),
         iam=_check_iam_users(ctx, iam, users),
         users=users,
     )
+
+
+def _parse_endpoints(ctx: _Context, raw: object) -> tuple[EndpointConfig, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
+        raise ctx.error(None, "endpoints", "must be an array of tables ([[endpoints]])")
+    endpoints: list[EndpointConfig] = []
+    for index, item in enumerate(raw):
+        table = f"endpoints.{index}"
+        values = ctx.check(item, table, _ENDPOINT_KEYS)
+        if "listen" not in values:
+            raise ctx.error(table, "listen", "required")
+        endpoints.append(EndpointConfig(**values))
+    return tuple(endpoints)
 
 
 def _check_iam_users(ctx: _Context, iam: IamConfig, users: Mapping[str, UserConfig]) -> IamConfig:

@@ -118,3 +118,42 @@ def test_failover_to_a_promoted_standby_keeps_client_sockets(pg_factory, proxy_f
     # at most the statements in flight when the writer died fail through the proxy
     assert proxy_errors <= len(through_proxy) * 2
     assert proxy.proxy.targets.writer == ("127.0.0.1", standby.port)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_read_only_endpoint_spreads_clients_over_standbys(pg_factory, proxy_factory) -> None:
+    primary = pg_factory(hba_lines=[REPLICATION_HBA])
+    standbys = [create_standby(primary), create_standby(primary)]
+    reader_port = _free_port()
+    proxy = proxy_factory(
+        primary,
+        backend={
+            "targets": [f"127.0.0.1:{s.port}" for s in (primary, *standbys)],
+        },
+        pool={"pool_mode": "transaction", "max_connections": 6},
+        endpoints=[{"listen": f"127.0.0.1:{reader_port}", "role": "read-only"}],
+    )
+    roles = {a.port: a.role.value for a in proxy.thread.addresses}
+    assert roles[reader_port] == "read-only"
+    reader_dsn = proxy.dsn().replace(f"port='{proxy.port}'", f"port='{reader_port}'")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as writer:
+        assert writer.execute("select pg_is_in_recovery()").fetchone() == (False,)
+    readers = [psycopg.connect(reader_dsn) for _ in range(4)]
+    try:
+        ports = set()
+        for conn in readers:  # each holds its server connection inside a transaction
+            assert conn.execute("select pg_is_in_recovery()").fetchone() == (True,)
+            ports.add(conn.execute("select current_setting('port')::int").fetchone()[0])
+        assert ports == {s.port for s in standbys}  # spread over both standbys
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            readers[0].execute("create table nope (x int)")
+    finally:
+        for conn in readers:
+            conn.close()

@@ -26,3 +26,9 @@ def test_the_last_writer_is_tried_first_and_the_rest_follow_in_order() -> None:
 def test_at_least_one_target() -> None:
     with pytest.raises(ValueError, match="at least one"):
         TargetSet([])
+
+
+def test_readers_start_one_further_each_time() -> None:
+    targets = TargetSet([("a", 1), ("b", 2), ("c", 3)])
+    firsts = [targets.reader_candidates()[0] for _ in range(4)]
+    assert firsts == [("a", 1), ("b", 2), ("c", 3), ("a", 1)]

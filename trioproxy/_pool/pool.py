@@ -27,6 +27,7 @@ from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._protocol.codes import TxStatus
 from trioproxy._server.backend import BackendTarget, ServerConnection, connect_server
 from trioproxy._server.transport import TransportClosed
+from trioproxy.config import EndpointRole
 from trioproxy.errors import BackendError, BorrowTimeout, ProtocolError, TrioproxyError
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class BackendPool:
         init_query: str = "",
         budget: ServerBudget | None = None,
         targets: TargetSet | None = None,
+        role: EndpointRole = EndpointRole.READ_WRITE,
         backend_login: Callable[[], tuple[str, str | None] | None] | None = None,
     ) -> None:
         self.name = name
@@ -72,6 +74,8 @@ class BackendPool:
         self.budget = budget if budget is not None else ServerBudget(limits)
         #: Several servers: which one is the writer (shared by every pool of a proxy).
         self.targets = targets
+        #: read-only pools connect to standbys only, spread over them in turn.
+        self.role = role
         self.core: PoolCore[ServerConnection, _Waiter] = PoolCore(
             max_size=self.budget.cap,
             max_idle=self.budget.max_idle,
@@ -200,8 +204,10 @@ class BackendPool:
         base = self._current_target()
         if targets is None:
             return await connect_server(base, now=trio.current_time())
+        read_only = self.role is EndpointRole.READ_ONLY
         last: BackendError | None = None
-        for host, port in targets.candidates():
+        candidates = targets.reader_candidates() if read_only else targets.candidates()
+        for host, port in candidates:
             target = attrs.evolve(base, host=host, port=port)
             try:
                 conn = await connect_server(target, now=trio.current_time())
@@ -210,7 +216,7 @@ class BackendPool:
                     raise
                 last = exc
                 continue
-            if targets.needs_writer_check:
+            if targets.needs_writer_check or read_only:
                 try:
                     in_recovery = await conn.run(
                         "SELECT pg_catalog.pg_is_in_recovery()", timeout=base.connect_timeout
@@ -219,7 +225,16 @@ class BackendPool:
                     conn.close()
                     last = exc
                     continue
-                if in_recovery and in_recovery[0] == "t":
+                standby = bool(in_recovery) and in_recovery[0] == "t"
+                if read_only and not standby:
+                    conn.close()
+                    last = BackendError(
+                        f"server at {host}:{port} is the writer, not a standby", sqlstate="57P03"
+                    )
+                    continue
+                if read_only:
+                    return conn
+                if standby:
                     conn.close()
                     last = BackendError(
                         f"server at {host}:{port} is a standby (in recovery)",

@@ -23,6 +23,7 @@ class TargetSet:
             raise ValueError("at least one target is needed")
         self._addresses = list(addresses)
         self._writer = 0
+        self._next_reader = 0
 
     @property
     def needs_writer_check(self) -> bool:
@@ -36,6 +37,13 @@ class TargetSet:
     def candidates(self) -> list[Address]:
         """Every target, the last known writer first."""
         return self._addresses[self._writer :] + self._addresses[: self._writer]
+
+    def reader_candidates(self) -> list[Address]:
+        """Every target, starting one further each call: read-only connections spread
+        over the standbys in turn."""
+        start = self._next_reader
+        self._next_reader = (start + 1) % len(self._addresses)
+        return self._addresses[start:] + self._addresses[:start]
 
     def found_writer(self, address: Address) -> bool:
         """Record the writer; True when it changed (a failover happened)."""

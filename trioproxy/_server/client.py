@@ -57,7 +57,7 @@ from trioproxy._session.prepared import LinkedMapper, StatementMapper
 from trioproxy._session.sqlscan import fingerprint, split_statements
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
-from trioproxy.config import PoolMode
+from trioproxy.config import EndpointRole, PoolMode
 from trioproxy.errors import (
     AuthenticationFailed,
     BackendError,
@@ -81,9 +81,17 @@ _READY_IDLE = ReadyForQuery(TxStatus.IDLE).encode()
 
 class ClientSession(ClientAuthentication, ClientParameters):
     def __init__(
-        self, proxy: Proxy, transport: Transport, client_id: int, *, over_limit: bool
+        self,
+        proxy: Proxy,
+        transport: Transport,
+        client_id: int,
+        *,
+        over_limit: bool,
+        role: EndpointRole = EndpointRole.READ_WRITE,
     ) -> None:
         self.proxy = proxy
+        #: The endpoint the client came in through (read-only: served by standbys).
+        self.role = role
         self.config = proxy.config
         self.transport = transport
         self.id = client_id
@@ -208,7 +216,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
             return
         try:
             requested = self._requested_parameters(startup.parameters)
-            self.pool = self.proxy.pool_for(self.database, self.user)
+            self.pool = self.proxy.pool_for(self.database, self.user, self.role)
             await self._establish_parameters(requested)
         except (BackendError, AuthenticationFailed, BorrowTimeout) as exc:
             logger.info("client %d: login failed at the server: %s", self.id, exc.message)

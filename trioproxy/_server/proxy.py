@@ -41,7 +41,7 @@ from trioproxy._server.metrics import serve_metrics
 from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
-from trioproxy.config import BackendTLS, Config, load_config
+from trioproxy.config import BackendTLS, Config, EndpointRole, ListenAddress, load_config
 from trioproxy.errors import AuthenticationFailed, ConfigError, TrioproxyError
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class ProxyStats:
 class ProxyAddress:
     host: str
     port: int
+    role: EndpointRole = EndpointRole.READ_WRITE
 
 
 class Proxy:
@@ -124,6 +125,9 @@ class Proxy:
             server_idle_timeout=pool_config.server_idle_timeout,
         )
         self.budget = ServerBudget(self.limits)
+        #: Pools of read-only endpoints (standbys), apart from the writer's pools.
+        self.read_only_pools: dict[tuple[str, str], BackendPool] = {}
+        self._listener_roles: dict[socket.socket, EndpointRole] = {}
         #: Which of [backend] targets is the writer; shared by every pool.
         self.targets = TargetSet(config.backend.addresses)
         iam = config.iam
@@ -165,9 +169,12 @@ class Proxy:
 
     # --- pools ------------------------------------------------------------------------
 
-    def pool_for(self, database: str, user: str) -> BackendPool:
+    def pool_for(
+        self, database: str, user: str, role: EndpointRole = EndpointRole.READ_WRITE
+    ) -> BackendPool:
         key = (database, user)
-        pool = self.pools.get(key)
+        pools = self.pools if role is EndpointRole.READ_WRITE else self.read_only_pools
+        pool = pools.get(key)
         if pool is not None:
             return pool
         credentials = self.credentials.lookup(user)
@@ -187,19 +194,20 @@ class Proxy:
             max_message_size=self.config.proxy.max_message_size,
         )
         pool = BackendPool(
-            name=f"{database}/{user}",
+            name=f"{database}/{user}" + ("" if role is EndpointRole.READ_WRITE else " (read-only)"),
             target=target,
             limits=self.limits,
             init_query=pool_config.init_query,
             budget=self.budget,
             targets=self.targets,
+            role=role,
             # Rotated secrets: each new server connection logs in with the backend user
             # and password of the credentials in force at that moment.
             backend_login=lambda: self.credentials.backend_login(user),
         )
         assert self._pool_nursery is not None
         self._pool_nursery.start_soon(pool.run)
-        self.pools[key] = pool
+        pools[key] = pool
         return pool
 
     # --- clients ----------------------------------------------------------------------
@@ -254,7 +262,9 @@ class Proxy:
         logger.info("client %d: query cancelled on server connection %d", session.id, server.id)
         return True
 
-    async def _run_client(self, sock: socket.socket, peer: str) -> None:
+    async def _run_client(
+        self, sock: socket.socket, peer: str, role: EndpointRole = EndpointRole.READ_WRITE
+    ) -> None:
         # The periodic secret refresh runs in the pools' nursery, started with the first
         # client (idempotent: a no-op once running, or without secrets to refresh).
         self.secrets.start_once(self._pool_nursery, self)
@@ -265,7 +275,9 @@ class Proxy:
             return
         client_id = next(self._client_ids)
         over_limit = len(self.clients) >= self.config.proxy.max_client_connections
-        session = ClientSession(self, Transport(sock, peer=peer), client_id, over_limit=over_limit)
+        session = ClientSession(
+            self, Transport(sock, peer=peer), client_id, over_limit=over_limit, role=role
+        )
         if not over_limit:
             self.clients[client_id] = session
         await session.run()
@@ -287,12 +299,13 @@ class Proxy:
                 raise
             self.stats.clients_accepted += 1
             peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            nursery.start_soon(self._run_counted, sock, peer)
+            role = self._listener_roles.get(listener, EndpointRole.READ_WRITE)
+            nursery.start_soon(self._run_counted, sock, peer, role)
 
-    async def _run_counted(self, sock: socket.socket, peer: str) -> None:
+    async def _run_counted(self, sock: socket.socket, peer: str, role: EndpointRole) -> None:
         """``_run_client``, counted out however it ends (refused, failed, or served)."""
         try:
-            await self._run_client(sock, peer)
+            await self._run_client(sock, peer, role)
         finally:
             self.stats.clients_closed += 1
             self._client_left.set()
@@ -325,9 +338,11 @@ class Proxy:
                     self.secrets.start_once(self._pool_nursery, self)
                     clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
                     addresses: list[ProxyAddress] = []
-                    for listener in listeners:
+                    roles = [role for _address, role in listen_roles(self.config)]
+                    for listener, role in zip(listeners, roles, strict=True):
                         host, port = listener.getsockname()[:2]
-                        addresses.append(ProxyAddress(host, port))
+                        addresses.append(ProxyAddress(host, port, role))
+                        self._listener_roles[listener] = role
                     self.addresses = addresses
                     nursery.start_soon(self._accept_until_drained, listeners, clients_nursery)
                     metrics_listen = self.config.proxy.metrics_listen
@@ -596,10 +611,19 @@ async def _child_nursery(
         await trio.sleep_forever()
 
 
+def listen_roles(config: Config) -> list[tuple[ListenAddress, EndpointRole]]:
+    """Every address to listen on, with its endpoint role ([proxy] listen is read-write)."""
+    out = [(address, EndpointRole.READ_WRITE) for address in config.proxy.listen]
+    for endpoint in config.endpoints:
+        out.extend((address, endpoint.role) for address in endpoint.listen)
+    return out
+
+
 def open_listeners(config: Config) -> list[socket.socket]:
+    """Listening sockets, in the order of ``listen_roles(config)``."""
     listeners: list[socket.socket] = []
     try:
-        for address in config.proxy.listen:
+        for address, _role in listen_roles(config):
             infos = socket.getaddrinfo(
                 address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
