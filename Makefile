@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 LINT_PATHS := trioproxy tests $(wildcard examples) $(wildcard bench)
 
 .DEFAULT_GOAL := help
-.PHONY: help install postgres lint type test-fast test demo bench clean distclean
+.PHONY: help install postgres lint type test-fast test demo bench bench-soak clean distclean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -43,6 +43,9 @@ demo: $(INSTALLED) ## Run the demo (python -m trioproxy.demo)
 
 bench: $(INSTALLED) postgres ## Run the benchmark (bench/run.py)
 	$(BIN)/python bench/run.py
+
+bench-soak: $(INSTALLED) postgres ## Minutes of steady load on thousands of clients; proxy RSS must not grow (bench/soak.py)
+	$(BIN)/python bench/soak.py
 
 clean: ## Remove caches and build artefacts (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info bench/results/tmp
