@@ -41,7 +41,14 @@ from trioproxy._server.metrics import serve_metrics
 from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
-from trioproxy.config import BackendTLS, Config, EndpointRole, ListenAddress, load_config
+from trioproxy.config import (
+    BackendTLS,
+    Config,
+    EndpointRole,
+    IamConfig,
+    ListenAddress,
+    load_config,
+)
 from trioproxy.errors import AuthenticationFailed, ConfigError, TrioproxyError
 
 if TYPE_CHECKING:
@@ -130,22 +137,7 @@ class Proxy:
         self._listener_roles: dict[socket.socket, EndpointRole] = {}
         #: Which of [backend] targets is the writer; shared by every pool.
         self.targets = TargetSet(config.backend.addresses)
-        iam = config.iam
-        self.iam_keys = {
-            key_id: AccessKey(
-                access_key_id=key_id,
-                secret_access_key=key.secret_access_key,
-                allowed_users=key.allowed_users,
-            )
-            for key_id, key in iam.keys.items()
-        }
-        self.iam_policy = (
-            TokenPolicy(
-                endpoints=iam.endpoints, regions=iam.regions, max_clock_skew=iam.max_clock_skew
-            )
-            if iam.endpoints
-            else None
-        )
+        self.iam_keys, self.iam_policy = iam_registry(config.iam)
         self._init_operations()
 
     # --- operations state (drain, pause, reload) --------------------------------------
@@ -528,22 +520,7 @@ class Proxy:
         throttle.base_delay = proxy_config.failed_login_delay
         throttle.max_delay = proxy_config.failed_login_max_delay
         throttle.window = proxy_config.failed_login_window
-        iam = effective.iam
-        self.iam_keys = {
-            key_id: AccessKey(
-                access_key_id=key_id,
-                secret_access_key=key.secret_access_key,
-                allowed_users=key.allowed_users,
-            )
-            for key_id, key in iam.keys.items()
-        }
-        self.iam_policy = (
-            TokenPolicy(
-                endpoints=iam.endpoints, regions=iam.regions, max_clock_skew=iam.max_clock_skew
-            )
-            if iam.endpoints
-            else None
-        )
+        self.iam_keys, self.iam_policy = iam_registry(effective.iam)
         # Timeouts: every session reads its config at the point of use.
         for session in self.sessions():
             session.config = effective
@@ -609,6 +586,24 @@ async def _child_nursery(
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
+
+
+def iam_registry(iam: IamConfig) -> tuple[dict[str, AccessKey], TokenPolicy | None]:
+    """The key registry and token policy the IAM check uses, from ``[iam]``."""
+    keys = {
+        key_id: AccessKey(
+            access_key_id=key_id,
+            secret_access_key=key.secret_access_key,
+            allowed_users=key.allowed_users,
+        )
+        for key_id, key in iam.keys.items()
+    }
+    policy = (
+        TokenPolicy(endpoints=iam.endpoints, regions=iam.regions, max_clock_skew=iam.max_clock_skew)
+        if iam.endpoints
+        else None
+    )
+    return keys, policy
 
 
 def listen_roles(config: Config) -> list[tuple[ListenAddress, EndpointRole]]:
