@@ -46,3 +46,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: Sequence[pytest.
     for item in items:
         if INTEGRATION_DIR in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+# Hypothesis: the machines that run this suite are shared and noisy (2 cores, PostgreSQL and
+# load generators beside the tests). Slow input generation or one slow example is not a
+# failure of the code under test; every property still runs its full number of examples.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "trioproxy",
+    suppress_health_check=[HealthCheck.too_slow],
+    deadline=None,
+)
+settings.load_profile("trioproxy")
