@@ -1794,7 +1794,7 @@ def case_ratios(results: list[dict[str, Any]], spec: CaseReport) -> list[dict[st
             row: dict[str, Any] = {"case": case, "versus": other}
             for header, key in spec.ratios:
                 if "failure" in ref:
-                    row[header] = f"{other} failed"
+                    row[header] = "n/a: pgbouncer failed" if other == "pgbouncer" else "n/a"
                 elif "failure" in mine:
                     row[header] = "trioproxy failed"
                 else:
