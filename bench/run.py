@@ -2356,7 +2356,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="measure a run again, at most this often, when other programs used more than "
-        f"{MAX_FOREIGN_SHARE:.0%} of the CPU during it (default 1)",
+        f"{MAX_FOREIGN_SHARE * 100:.0f}%% of the CPU during it (default 1)",
     )
     p.add_argument(
         "--wait-idle",
