@@ -619,18 +619,10 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: 
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
-    """SIGTERM by PID, wait; SIGKILL if it does not exit in time. Returns the exit status."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            say(f"  pid {proc.pid} ignored SIGTERM for {timeout:g} s: SIGKILL")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    """SIGTERM by PID, wait; SIGKILL if it does not exit in time (the demo's helper)."""
+    from trioproxy.demo import stop_process as demo_stop_process
+
+    return demo_stop_process(proc, timeout)
 
 
 _NUMBERS = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?")
