@@ -536,8 +536,18 @@ def create_standby(primary: PostgresServer) -> PostgresServer:
             f"password={primary.superuser_password}"
         )
         _run(
-            [str(primary.bindir / "pg_basebackup"), "-d", conninfo, "-D", str(datadir),
-             "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"],
+            [
+                str(primary.bindir / "pg_basebackup"),
+                "-d",
+                conninfo,
+                "-D",
+                str(datadir),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+                "--checkpoint=fast",
+            ],
             as_owner=True,
             cwd=base,
         )

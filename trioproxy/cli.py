@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,6 +32,7 @@ from trioproxy.errors import ConfigError, TrioproxyError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from trioproxy._cluster.worker import WorkerRuntime
     from trioproxy._server.proxy import Proxy
 
 logger = logging.getLogger("trioproxy")
@@ -56,30 +58,43 @@ def _parser() -> argparse.ArgumentParser:
     action.add_argument("--config", metavar="FILE", help="run the proxy with this TOML file")
     action.add_argument("--check-config", metavar="FILE", help="validate this TOML file and exit")
     parser.add_argument("--version", action="version", version=f"trioproxy {_version()}")
+    # Set by the supervisor when it starts a worker (workers = N); not for people.
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     return parser
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exception, if any)."""
+    """One JSON object per line: time, level, logger, message (and exception, if any);
+    with ``workers = N``, which worker wrote it."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(config: Config) -> None:
+def configure_logging(config: Config, worker: int | None = None) -> None:
     handler = logging.StreamHandler()
     if config.proxy.log_format is LogFormat.JSON:
-        handler.setFormatter(JSONFormatter())
+        handler.setFormatter(JSONFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f"[worker {worker}]" if worker is not None else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+        )
     level = logging.DEBUG if config.proxy.debug_logging else logging.INFO
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
@@ -87,8 +102,16 @@ def configure_logging(config: Config) -> None:
 async def _watch_signals(
     proxy: Proxy, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """SIGTERM/SIGINT: graceful shutdown (a second one: stop at once). SIGHUP: reload."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    """SIGTERM/SIGINT: graceful shutdown (a second one: stop at once). SIGHUP: reload.
+
+    A worker ignores SIGINT: Ctrl-C reaches the whole process group, and the supervisor
+    passes it on as SIGTERM (a worker must not count it twice)."""
+    watched = [signal.SIGTERM, signal.SIGHUP]
+    if proxy.runtime is None:
+        watched.append(signal.SIGINT)
+    else:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with trio.open_signal_receiver(*watched) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
@@ -104,13 +127,16 @@ async def _watch_signals(
                 proxy.stop()
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, runtime: WorkerRuntime | None = None) -> None:
     from trioproxy._server.proxy import Proxy  # lazy: --check-config needs no server code
 
-    configure_logging(config)
-    proxy = Proxy(config)
+    proxy = Proxy(config, runtime)
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, proxy)
+        if runtime is not None:
+            from trioproxy._cluster.supervisor import watch_supervisor
+
+            nursery.start_soon(watch_supervisor, runtime.spec.supervisor_pid, proxy.shutdown)
         await proxy.run()  # returns after a drain, or raises
         nursery.cancel_scope.cancel()
 
@@ -121,12 +147,22 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, worker: int | None = None, run_dir: str | None = None) -> int:
     # A proxy holds two descriptors per linked client: use all the kernel allows. Done here,
     # not in Proxy.run, so embedding never changes a process-wide limit behind the app.
     raise_fd_limit()
+    configure_logging(config, worker)
     try:
-        trio.run(_run, config)
+        if worker is not None and run_dir is not None:
+            from trioproxy._cluster.worker import WorkerRuntime
+
+            trio.run(_run, config, WorkerRuntime.attach(Path(run_dir), worker))
+        elif config.proxy.workers > 1:
+            from trioproxy._cluster.supervisor import Supervisor
+
+            trio.run(Supervisor(config).run)
+        else:
+            trio.run(_run, config)
     except BaseException as exc:
         leaves = _leaves(exc)
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
@@ -169,4 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(_summary(config))
         return 0
-    return _serve(config)
+    if (args.worker is None) != (args.run_dir is None):
+        print("trioproxy: --worker and --run-dir go together", file=sys.stderr)
+        return 2
+    return _serve(config, args.worker, args.run_dir)

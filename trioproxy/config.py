@@ -144,6 +144,11 @@ class ProxyConfig:
     metrics_listen: ListenAddress | None = None
     #: Users who may log in to the admin console (database ``trioproxy``).
     admin_users: frozenset[str] = frozenset()
+    #: Processes sharing the listening ports (SO_REUSEPORT) under a supervisor; the CLI
+    #: only (an embedded proxy is one worker in the host's process).
+    workers: int = 1
+    #: This instance's id among ``[[peers]]`` (written into cancel keys); 0 = no peering.
+    peer_id: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -303,9 +308,20 @@ class EndpointConfig:
 
 
 @attrs.frozen(kw_only=True)
+class PeerConfig:
+    """``[[peers]]``: another instance behind the same load balancer. A CancelRequest
+    whose key another instance issued is forwarded to it (PgBouncer's peering)."""
+
+    peer_id: int
+    host: str
+    port: int
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     proxy: ProxyConfig = attrs.field(factory=ProxyConfig)
     endpoints: tuple[EndpointConfig, ...] = ()
+    peers: tuple[PeerConfig, ...] = ()
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     pool: PoolConfig = attrs.field(factory=PoolConfig)
     iam: IamConfig = attrs.field(factory=IamConfig)
@@ -578,6 +594,8 @@ _PROXY_KEYS: Final[Mapping[str, _Check]] = {
     "failed_login_window": _number(0, above=True),
     "metrics_listen": _optional_listen,
     "admin_users": _string_list,
+    "workers": _integer(1, 64),
+    "peer_id": _integer(0, 127),
 }
 _BACKEND_KEYS: Final[Mapping[str, _Check]] = {
     "host": _string(empty_ok=False),
@@ -620,7 +638,12 @@ _IAM_KEY_KEYS: Final[Mapping[str, _Check]] = {
     **{f"secret_access_key{suffix}": check for suffix, check in _SECRET_KEYS.items()},
     "allowed_users": _string_list,
 }
-_TABLES: Final = ("proxy", "backend", "pool", "iam", "users", "endpoints")
+_TABLES: Final = ("proxy", "backend", "pool", "iam", "users", "endpoints", "peers")
+_PEER_KEYS: Final[Mapping[str, _Check]] = {
+    "peer_id": _integer(1, 127),
+    "host": _string(empty_ok=False),
+    "port": _integer(1, 65535),
+}
 _ENDPOINT_KEYS: Final[Mapping[str, _Check]] = {
     "listen": _listen,
     "role": _enum(EndpointRole),
@@ -857,9 +880,11 @@ def parse_config(
             )
     iam = _parse_iam(ctx, ctx.table(data, "iam", None))
     users = _parse_users(ctx, ctx.table(data, "users", None))
+    proxy = _parse_proxy(ctx, ctx.table(data, "proxy", None))
     return Config(
         endpoints=_parse_endpoints(ctx, data.get("endpoints", [])),
-        proxy=_parse_proxy(ctx, ctx.table(data, "proxy", None)),
+        peers=_parse_peers(ctx, data.get("peers", []), proxy),
+        proxy=proxy,
         backend=_parse_backend(ctx, ctx.table(data, "backend", None)),
         pool=_parse_pool(ctx, ctx.table(data, "pool", None)),
         iam=_check_iam_users(ctx, iam, users),
@@ -878,6 +903,27 @@ def _parse_endpoints(ctx: _Context, raw: object) -> tuple[EndpointConfig, ...]:
             raise ctx.error(table, "listen", "required")
         endpoints.append(EndpointConfig(**values))
     return tuple(endpoints)
+
+
+def _parse_peers(ctx: _Context, raw: object, proxy: ProxyConfig) -> tuple[PeerConfig, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, Mapping) for item in raw):
+        raise ctx.error(None, "peers", "must be an array of tables ([[peers]])")
+    peers: list[PeerConfig] = []
+    for index, item in enumerate(raw):
+        table = f"peers.{index}"
+        values = ctx.check(item, table, _PEER_KEYS)
+        for key in _PEER_KEYS:
+            if key not in values:
+                raise ctx.error(table, key, "required")
+        peer = PeerConfig(**values)
+        if proxy.peer_id == 0:
+            raise ctx.error("proxy", "peer_id", "required (1..127) when [[peers]] are listed")
+        if peer.peer_id == proxy.peer_id:
+            raise ctx.error(table, "peer_id", f"{peer.peer_id} is this instance's own peer_id")
+        if any(p.peer_id == peer.peer_id for p in peers):
+            raise ctx.error(table, "peer_id", f"{peer.peer_id} is listed twice")
+        peers.append(peer)
+    return tuple(peers)
 
 
 def _check_iam_users(ctx: _Context, iam: IamConfig, users: Mapping[str, UserConfig]) -> IamConfig:

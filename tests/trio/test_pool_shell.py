@@ -392,6 +392,75 @@ async def test_borrow_skips_and_closes_a_dead_idle_connection(
         assert_quiescent(pool, fake)
 
 
+async def test_try_borrow_takes_an_idle_connection_or_none(
+    fake: FakeServer, autojump_clock: object
+) -> None:
+    pool = make_pool(1)
+    async with running(pool):
+        assert pool.try_borrow() is None  # nothing idle: it never opens one
+        assert fake.connect_calls == 0
+        conn = await pool.borrow(5)
+        assert pool.try_borrow() is None  # the only one is borrowed
+        pool.release(conn, clean=True)
+        assert pool.try_borrow() is conn
+        pool.release(conn, clean=True)
+        transport_of(conn).broken = True  # died while idle: dropped, closed, not handed out
+        assert pool.try_borrow() is None
+        await trio.sleep(1)
+        assert transport_of(conn).closed
+        assert_quiescent(pool, fake)
+
+
+async def test_try_borrow_never_overtakes_waiters(fake: FakeServer, autojump_clock: object) -> None:
+    pool = make_pool(1)
+    async with running(pool):
+        held = await pool.borrow(5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.borrow, 5)
+            await trio.sleep(0.1)
+            assert pool.statistics().waiting == 1
+            pool.release(held, clean=True)  # goes to the waiter, not to the idle stack
+            assert pool.try_borrow() is None
+        assert pool.statistics().borrowed == 1
+        pool.release(held, clean=True)
+        assert_quiescent(pool, fake)
+
+
+async def test_borrow_wakeable_is_woken_through_its_scope(
+    fake: FakeServer, autojump_clock: object
+) -> None:
+    pool = make_pool(1)
+    scopes: list[trio.CancelScope | None] = []
+    async with running(pool):
+        held = await pool.borrow(5)
+        async with trio.open_nursery() as nursery:
+            results: list[object] = []
+
+            async def wait() -> None:
+                results.append(await pool.borrow_wakeable(60, scopes.append))
+
+            nursery.start_soon(wait)
+            await trio.sleep(1)
+            scope = scopes[-1]
+            assert scope is not None
+            scope.cancel()
+        assert results == [None]
+        assert scopes[-1] is None, "the scope was not withdrawn when the wait ended"
+        assert pool.borrow_timeouts == 0
+        stats = pool.statistics()
+        assert (stats.borrowed, stats.waiting, stats.pending) == (1, 0, 0)
+        pool.release(held, clean=True)
+        # Not woken: the same call times out as borrow() does.
+        held = await pool.borrow(5)
+        with pytest.raises(BorrowTimeout):
+            await pool.borrow_wakeable(2.5, scopes.append)
+        assert pool.borrow_timeouts == 1
+        pool.release(held, clean=True)
+        assert await pool.borrow_wakeable(5, scopes.append) is held
+        pool.release(held, clean=True)
+        assert_quiescent(pool, fake)
+
+
 # --------------------------------------------------------------------------- cancellation
 
 SWEEP_POINTS = 60

@@ -47,8 +47,9 @@ class _FakeProxy:
 
     serve = None
 
-    def __init__(self, config):
+    def __init__(self, config, runtime=None):
         self.config = config
+        self.runtime = runtime
         self.draining = False
         self._scope = trio.CancelScope()
 

@@ -630,3 +630,64 @@ def test_random_user_tables_parse_or_raise_config_error(table):
     else:
         user = config.users["u"]
         assert user.password is not None or user.scram_verifier is not None
+
+
+# --------------------------------------------------------------------------- workers, peers
+
+
+def test_workers_and_peers(tmp_path, monkeypatch):
+    config = load_text(
+        tmp_path,
+        monkeypatch,
+        """
+        [proxy]
+        workers = 4
+        peer_id = 1
+
+        [[peers]]
+        peer_id = 2
+        host = "proxy-b.internal"
+        port = 6432
+
+        [[peers]]
+        peer_id = 3
+        host = "10.0.0.3"
+        port = 6433
+        """,
+    )
+    assert config.proxy.workers == 4
+    assert config.proxy.peer_id == 1
+    assert [(p.peer_id, p.host, p.port) for p in config.peers] == [
+        (2, "proxy-b.internal", 6432),
+        (3, "10.0.0.3", 6433),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[proxy]\nworkers = 0", "[proxy] workers: must be"),
+        ("[proxy]\nworkers = 65", "[proxy] workers: must be"),
+        ("[proxy]\npeer_id = 128", "[proxy] peer_id: must be"),
+        (
+            "[[peers]]\npeer_id = 2\nhost = 'b'\nport = 6432",
+            "[proxy] peer_id: required (1..127) when [[peers]] are listed",
+        ),
+        (
+            "[proxy]\npeer_id = 1\n[[peers]]\npeer_id = 1\nhost = 'b'\nport = 6432",
+            "[peers.0] peer_id: 1 is this instance's own peer_id",
+        ),
+        (
+            "[proxy]\npeer_id = 1\n[[peers]]\npeer_id = 2\nhost = 'b'\nport = 1\n"
+            "[[peers]]\npeer_id = 2\nhost = 'c'\nport = 2",
+            "[peers.1] peer_id: 2 is listed twice",
+        ),
+        ("[proxy]\npeer_id = 1\n[[peers]]\npeer_id = 2\nport = 6432", "[peers.0] host: required"),
+        ("[proxy]\npeer_id = 1\n[[peers]]\npeer_id = 2\nhost = 'b'\nport = 0", "[peers.0] port"),
+        ("[proxy]\npeer_id = 1\npeers = 3", "[proxy] peers: unknown key"),
+    ],
+)
+def test_workers_and_peers_errors(tmp_path, monkeypatch, toml, message):
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, monkeypatch, toml)
+    assert message in str(info.value)

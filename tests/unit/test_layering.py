@@ -17,7 +17,7 @@ import trioproxy
 PACKAGE_DIR = Path(next(iter(trioproxy.__path__)))
 
 SANS_IO_DIRS = ("_protocol", "_auth", "_session")
-SANS_IO_FILES = ("_pool/core.py",)
+SANS_IO_FILES = ("_pool/core.py", "_cluster/keys.py")
 
 FORBIDDEN = frozenset({"trio", "socket", "ssl", "time", "asyncio", "selectors"})
 

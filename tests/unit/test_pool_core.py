@@ -178,6 +178,34 @@ def test_checkin_to_idle_without_waiters() -> None:
     assert list(core.borrowed()) == []
 
 
+def test_take_idle_is_the_waiterless_fast_path_of_request() -> None:
+    core = make(max_size=2)
+    assert core.take_idle() is None  # nothing idle: nothing changes
+    assert core.statistics().slots == 0
+    a, b = borrow_new(core), borrow_new(core)
+    assert core.checkin(a, 1, reusable=True) is core.checkin(b, 2, reusable=True)  # no effects
+    assert core.take_idle() is b  # LIFO, as request()
+    assert list(core.borrowed()) == [b]
+    assert core.take_idle() is a
+    w = Waiter()
+    assert core.request(w) == Wait()
+    assert core.checkin(b, 3, reusable=True) == Effects(assigned=(Assignment(w, Grant(b)),))
+    assert core.take_idle() is None  # the handoff is pending for w
+
+
+def test_take_idle_never_overtakes_queued_waiters() -> None:
+    core = make(max_size=1)
+    c = borrow_new(core)
+    w = Waiter()
+    assert core.request(w) == Wait()
+    assert core.take_idle() is None
+    assert core.cancel(w) == NOTHING
+    core.checkin(c, 1, reusable=True)
+    assert core.take_idle() is c
+    s = core.statistics()
+    assert (s.idle, s.borrowed, s.waiting) == (0, 1, 0)
+
+
 def test_checkin_not_reusable_closes_and_gives_open() -> None:
     core = make(max_size=1)
     c = borrow_new(core)
@@ -510,6 +538,18 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             assert self.queue or (top is None and before.slots >= before.max_size)
             self.queue.append(w)
+
+    @rule()
+    def take_idle(self) -> None:
+        w = Waiter()  # the shell's fast path has no token: the model gets one to hold
+        self.seq[w] = len(self.seq)
+        top = next(self.core.idle(), None)
+        conn = self.core.take_idle()
+        if self.queue or top is None:
+            assert conn is None, "took an idle connection past queued waiters, or none idle"
+        else:
+            assert conn is top, "not the most recently used idle connection"
+            self.holding[w] = conn
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())

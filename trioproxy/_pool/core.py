@@ -47,7 +47,7 @@ indefinitely; idle connections beyond that are closed by ``expire()`` once idle 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -94,6 +94,13 @@ class Effects(Generic[C, W]):
     close: tuple[C, ...] = ()
 
 
+#: Field-less and frozen, so one instance each serves every answer.
+_OPEN = Open()
+_WAIT = Wait()
+#: The effects of a change that asks nothing of the shell (shared: Effects is frozen).
+_NO_EFFECTS: Effects[Any, Any] = Effects()
+
+
 @attrs.frozen
 class PoolStatistics:
     """A snapshot; ``slots = idle + borrowed + opening + pending``."""
@@ -126,12 +133,16 @@ def _check_limits(max_size: int, max_idle: int) -> None:
         raise ValueError(f"max_idle must be >= 0, got {max_idle}")
 
 
-@attrs.define
 class _Builder(Generic[C, W]):
-    assigned: list[Assignment[C, W]] = attrs.Factory(list)
-    close: list[C] = attrs.Factory(list)
+    __slots__ = ("assigned", "close")
+
+    def __init__(self) -> None:
+        self.assigned: list[Assignment[C, W]] = []
+        self.close: list[C] = []
 
     def build(self) -> Effects[C, W]:
+        if not self.assigned and not self.close:
+            return _NO_EFFECTS
         return Effects(tuple(self.assigned), tuple(self.close))
 
 
@@ -238,9 +249,20 @@ class PoolCore(Generic[C, W]):
                 return Grant(conn)
             if self._slots() < self._max_size:
                 self._opening += 1
-                return Open()
+                return _OPEN
         self._waiters[waiter] = None
-        return Wait()
+        return _WAIT
+
+    def take_idle(self) -> C | None:
+        """The most recently used idle connection, borrowed at once (no waiter token, no
+        effects), or ``None`` when there is none or waiters are queued (a newcomer never
+        overtakes them). The cheap path of ``request()`` for a caller that can wait
+        otherwise; ``None`` changes nothing."""
+        if self._waiters or not self._idle:
+            return None
+        conn, rec = self._idle.popitem()  # LIFO
+        self._out[conn] = rec
+        return conn
 
     def take(self, waiter: W) -> Grant[C] | Open | None:
         """A woken waiter collects its assignment; ``None`` if it has none (still queued,
@@ -283,9 +305,14 @@ class PoolCore(Generic[C, W]):
         if conn not in self._out or conn in self._granted:
             raise ValueError("checkin() of a connection that is not borrowed")
         rec = self._out.pop(conn)
-        fx: _Builder[C, W] = _Builder()
         if reusable and not self._too_old(rec, now):
             rec.idle_since = now
+            if not self._waiters and self._slots() < self._max_size:
+                # _put_back()'s idle case, once per transaction: nothing for the shell.
+                self._idle[conn] = rec
+                return _NO_EFFECTS
+        fx: _Builder[C, W] = _Builder()
+        if reusable and not self._too_old(rec, now):
             self._put_back(conn, rec, fx)
         else:
             self._close(conn, fx)
@@ -299,11 +326,13 @@ class PoolCore(Generic[C, W]):
         idle stack (or is closed if over the limit). Pending Open: the slot passes to the
         next waiter or is released. Taken or unknown: nothing (the caller then owns a
         connection or an Open, and reports it with checkin/forget/opened/open_failed)."""
-        fx: _Builder[C, W] = _Builder()
         if waiter in self._waiters:
             del self._waiters[waiter]
-            return fx.build()
+            return _NO_EFFECTS
         result = self._pending.pop(waiter, None)
+        if result is None:  # taken (the common case) or unknown
+            return _NO_EFFECTS
+        fx: _Builder[C, W] = _Builder()
         if isinstance(result, Grant):
             del self._granted[result.conn]
             rec = self._out.pop(result.conn)
@@ -397,6 +426,6 @@ class PoolCore(Generic[C, W]):
                 self._out[conn] = rec
                 self._assign(Grant(conn), fx)
             elif self._slots() < self._max_size:
-                self._assign(Open(), fx)
+                self._assign(_OPEN, fx)
             else:
                 break

@@ -43,6 +43,10 @@ RESET_TIMEOUT = 5.0
 _PERMANENT_ERROR_CLASSES = ("28", "3D", "42")
 
 
+class _InstanceFull(Exception):
+    """(workers = N) No unit for a new connection: the instance is at its cap."""
+
+
 @attrs.define(eq=False)
 class _Waiter:
     event: trio.Event = attrs.field(factory=trio.Event)
@@ -83,6 +87,8 @@ class BackendPool:
             server_idle_timeout=limits.server_idle_timeout,
         )
         self.budget.join(self)
+        #: (workers = N) Limited to the connections it has: the instance is at its cap.
+        self._clamped = False
         #: ParameterStatus values of the first server connection (server_version, ...).
         self.server_parameters: dict[str, str] | None = None
         self._nursery: trio.Nursery | None = None
@@ -115,30 +121,75 @@ class BackendPool:
 
     async def borrow(self, timeout: float) -> ServerConnection:  # noqa: ASYNC109 - the deadline also decides retry and which error
         """A clean server connection for the caller, or BorrowTimeout / BackendError."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        started = trio.current_time()
-        conn = await self._borrow(started + timeout)
-        self.borrow_latency.observe(trio.current_time() - started)
+        conn = await self.borrow_wakeable(timeout)
+        assert conn is not None  # nobody else sees the scope: it ends only at the deadline
         return conn
 
-    async def _borrow(self, deadline: float) -> ServerConnection:
+    async def borrow_wakeable(
+        self,
+        timeout: float,  # noqa: ASYNC109 - as borrow()
+        expose: Callable[[trio.CancelScope | None], None] | None = None,
+    ) -> ServerConnection | None:
+        """``borrow()`` whose wait someone else may end early: ``expose`` is given the
+        wait's cancel scope (then None when the wait is over); cancelling that scope
+        before the deadline makes this return None, with nothing borrowed.
+
+        One cancel scope serves both the deadline and the wake-up (a caller's own scope
+        around ``borrow()`` would cost a second one per wait: on the hot path, that is
+        measurable)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        started = trio.current_time()
+        conn = await self._borrow(started + timeout, expose)
+        if conn is not None:
+            self.borrow_latency.observe(trio.current_time() - started)
+        return conn
+
+    def try_borrow(self) -> ServerConnection | None:
+        """An idle server connection at once, or None (none idle, or clients queue first).
+
+        Sync, so there is nothing to cancel and no cancel scope to pay for: the hot path of
+        transaction pooling, where a connection is usually free. The same liveness check as
+        ``borrow()``; on None the caller falls back to ``borrow()``."""
+        while (conn := self.core.take_idle()) is not None:
+            if conn.alive and not conn.transport.peer_gone():
+                self.borrow_latency.observe(0.0)
+                return conn
+            logger.info(
+                "pool %s: idle server connection %d was closed by the server; replaced",
+                self.name,
+                conn.id,
+            )
+            conn.close()
+            self._apply(self.core.forget(conn))
+        return None
+
+    async def _borrow(
+        self, deadline: float, expose: Callable[[trio.CancelScope | None], None] | None
+    ) -> ServerConnection | None:
         backoff = 0.05
         last_error: BackendError | None = None
         while True:
             waiter = _Waiter()
             try:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as scope:
+                    if expose is not None:
+                        expose(scope)
                     result: Grant[ServerConnection] | Open | Wait | None = self.core.request(waiter)
+                    waited = False
                     while isinstance(result, Wait) or result is None:
+                        if waited:  # woken without an assignment (rare): wait again
+                            waiter.event = trio.Event()
                         await waiter.event.wait()
-                        waiter.event = trio.Event()
+                        waited = True
                         result = self.core.take(waiter)
                     if isinstance(result, Grant):
                         conn = result.conn
                         if conn.alive and not conn.transport.peer_gone():
                             # Not cancellable: the connection is ours from take() on, and a
-                            # Cancelled here would leave it borrowed with no owner.
-                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            # Cancelled here would leave it borrowed with no owner. (After
+                            # a wait, that wait was the checkpoint: no second yield.)
+                            if not waited:
+                                await trio.lowlevel.cancel_shielded_checkpoint()
                             return conn
                         logger.info(
                             "pool %s: idle server connection %d was closed by the server; replaced",
@@ -151,6 +202,8 @@ class BackendPool:
                     assert isinstance(result, Open)
                     try:
                         return await self._open()
+                    except _InstanceFull:
+                        continue  # queued now, behind this pool's own connections
                     except BackendError as exc:
                         last_error = exc
                         self.setup_failures += 1
@@ -164,7 +217,11 @@ class BackendPool:
                     backoff = min(backoff * 2, 2.0)
                     continue
             finally:
+                if expose is not None:
+                    expose(None)
                 self._apply(self.core.cancel(waiter))
+            if expose is not None and trio.current_time() < deadline:
+                return None  # woken through the exposed scope
             # The deadline passed.
             if last_error is not None:
                 raise last_error
@@ -174,7 +231,11 @@ class BackendPool:
     async def _open(self) -> ServerConnection:
         """Fill the Open slot we hold: connect, or report the failure to the core."""
         try:
-            await self.budget.acquire(self)
+            if not await self.budget.acquire(self):
+                # (workers = N) The instance is at its cap: queue for this pool's own
+                # connections instead of holding the reserved slot (budget.py).
+                self._clamp(1)
+                raise _InstanceFull
             try:
                 conn = await self._connect_writer()
             except BaseException:
@@ -265,7 +326,36 @@ class BackendPool:
     # --- budget member ----------------------------------------------------------------
 
     def resize(self, max_size: int, max_idle: int) -> None:
+        self._clamped = False
         self._apply(self.core.resize(max_size=max_size, max_idle=max_idle))
+
+    # (workers = N) The pool's limit follows the units its worker can get (budget.py).
+
+    def _clamp(self, drop: int) -> None:
+        """Limit the pool to the connections it has, minus ``drop`` about to go."""
+        stats = self.core.statistics()
+        slots = stats.idle + stats.borrowed + stats.opening + stats.pending
+        self._clamped = True
+        self._apply(self.core.resize(max_size=max(0, slots - drop), max_idle=stats.max_idle))
+
+    def clamped_waiters(self) -> int:
+        return self.core.statistics().waiting if self._clamped else 0
+
+    def unclamp(self, room: int) -> int:
+        """Let the pool grow by up to ``room`` connections; how many it may open."""
+        if not self._clamped:
+            return 0
+        stats = self.core.statistics()
+        slots = stats.idle + stats.borrowed + stats.opening + stats.pending
+        grow = min(room, stats.waiting, self.budget.cap - slots)
+        if stats.waiting == 0 or slots + grow >= self.budget.cap:
+            self._clamped = False
+            grow = max(0, min(grow, self.budget.cap - slots))
+            new_max = self.budget.cap
+        else:
+            new_max = slots + grow
+        self._apply(self.core.resize(max_size=new_max, max_idle=stats.max_idle))
+        return grow
 
     def evict_one_idle(self) -> bool:
         """Close this pool's least recently used idle connection (for another pool)."""
@@ -300,6 +390,12 @@ class BackendPool:
         """
         conn.last_used = trio.current_time()
         if clean and not reset_session and conn.alive and conn.tx_status is TxStatus.IDLE:
+            if self.budget.shared is not None and self.budget.should_shed():
+                # (workers = N) Clients wait in another worker: its unit goes there.
+                self.budget.shed()
+                self._clamp(1)
+                self._apply(self.core.checkin(conn, conn.last_used, reusable=False))
+                return
             self._apply(self.core.checkin(conn, conn.last_used, reusable=True))
             self.budget.poke()
             return

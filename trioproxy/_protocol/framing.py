@@ -187,15 +187,14 @@ class StreamScanner:
             else:
                 type_ = data[pos]
                 (length,) = _INT32.unpack_from(data, pos + 1)
-                pos += 5
-                # Fast path: the whole message is inside this chunk.
-                if length >= 4 and pos + length - 4 <= size:
-                    _check_length(length, type_, self._max)
-                    end = pos + length - 4
-                    body = bytes(data[pos:end]) if type_ in self._inspect else None
+                end = pos + 1 + length
+                # Fast path: the whole message is inside this chunk, its length valid.
+                if 4 <= length <= self._max + 4 and end <= size:
+                    body = bytes(data[pos + 5 : end]) if type_ in self._inspect else None
                     out.append((type_, body, end))
                     pos = end
                     continue
+                pos += 5
             _check_length(length, type_, self._max)
             self._type = type_
             self._remaining = length - 4

@@ -24,7 +24,9 @@ from __future__ import annotations
 import datetime
 import enum
 import logging
+import os
 import re
+import signal
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -252,9 +254,14 @@ async def run_command(proxy: Proxy, statement: str, *, session_id: int = 0) -> R
         return Result("RESUME")
     if verb == "RELOAD" and not args:
         notes = await proxy.reload()
+        if proxy.runtime is not None:  # workers = N: the others reload too
+            os.kill(proxy.runtime.spec.supervisor_pid, signal.SIGHUP)
+            notes = [*notes, "every worker reloads (SIGHUP sent to the supervisor)"]
         return Result("RELOAD", notices=tuple(notes))
     if verb == "SHUTDOWN" and not args:
         logger.warning("admin client %d asked for SHUTDOWN", session_id)
+        if proxy.runtime is not None:  # workers = N: the whole instance drains
+            os.kill(proxy.runtime.spec.supervisor_pid, signal.SIGTERM)
         proxy.shutdown()
         return Result("SHUTDOWN")
     if verb == "KILL_CLIENT" and len(args) == 1 and args[0].isdigit():

@@ -90,7 +90,11 @@ class ClientAuthentication(SessionBase):
                 # Guessed keys cost time: a wrong key counts as a failed login of this
                 # address, so its next attempts wait (never cancelling anyone else's query).
                 await self._throttle_answer()
-                if not await self.proxy.cancel(request.process_id, request.secret_key):
+                if not await self.proxy.cancel(
+                    request.process_id,
+                    request.secret_key,
+                    sender=peer_host(self.transport.peer),
+                ):
                     self._count_failed_login()
                 raise _LoginFailed
             else:

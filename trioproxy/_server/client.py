@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import struct
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ from trioproxy._protocol.messages import (
     AuthenticationOk,
     BackendKeyData,
     Close,
+    FrontendMessage,
     NoticeResponse,
     ParameterStatus,
     Parse,
@@ -57,7 +59,7 @@ from trioproxy._session.prepared import LinkedMapper, StatementMapper
 from trioproxy._session.sqlscan import fingerprint, split_statements
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
-from trioproxy.config import EndpointRole, PoolMode
+from trioproxy.config import Config, EndpointRole, PoolMode
 from trioproxy.errors import (
     AuthenticationFailed,
     BackendError,
@@ -122,6 +124,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
             inspect=CLIENT_INSPECT, max_message_size=self.config.proxy.max_message_size
         )
         self.tracker = TransactionTracker()
+        self._last_server_scanner: StreamScanner | None = None
+        self._pool_mode_cache: tuple[Config, Config, str, PoolMode] | None = None
         self.connected_at = trio.current_time()
         self.transactions = 0
 
@@ -245,11 +249,26 @@ class ClientSession(ClientAuthentication, ClientParameters):
 
     @property
     def pool_mode(self) -> PoolMode:
-        """This client's pooling mode: its user's ``pool_mode``, else ``[pool]``'s."""
-        user = self.proxy.config.users.get(self.user)
+        """This client's pooling mode: its user's ``pool_mode``, else ``[pool]``'s.
+
+        Asked several times per transaction: remembered for the (frozen) configurations
+        and the user it was derived from; a reload replaces them, and it is derived anew."""
+        config = self.proxy.config
+        cached = self._pool_mode_cache
+        if (
+            cached is not None
+            and cached[0] is config
+            and cached[1] is self.config
+            and cached[2] is self.user
+        ):
+            return cached[3]
+        user = config.users.get(self.user)
         if user is not None and user.pool_mode is not None:
-            return user.pool_mode
-        return self.config.pool.pool_mode
+            mode = user.pool_mode
+        else:
+            mode = self.config.pool.pool_mode
+        self._pool_mode_cache = (config, self.config, self.user, mode)
+        return mode
 
     @property
     def pin_reason(self) -> str | None:
@@ -263,6 +282,56 @@ class ClientSession(ClientAuthentication, ClientParameters):
         self.server = conn
         return conn
 
+    def _try_borrow(self) -> ServerConnection | None:
+        assert self.pool is not None
+        conn = self.server = self.pool.try_borrow()
+        return conn
+
+    async def _wait_for_client(self) -> bytes | None:
+        """The client's next bytes (``b""``: it closed, or was closed after
+        idle_client_timeout); None when the proxy woke us."""
+        idle_timeout = self.config.proxy.idle_client_timeout
+        # One scope for both ways out of the wait (a cancel scope costs as much as a few
+        # syscalls): the proxy cancels it to wake us (draining, admin KILL), and its
+        # deadline is idle_client_timeout.
+        deadline = trio.current_time() + idle_timeout if idle_timeout > 0 else math.inf
+        chunk = None
+        with trio.CancelScope(deadline=deadline) as wait:
+            self.wait_scope = wait
+            try:
+                chunk = await self.transport.receive_some()
+            finally:
+                self.wait_scope = None
+        if not wait.cancelled_caught:
+            return chunk
+        if self._woken() or trio.current_time() < deadline:
+            return None
+        logger.info("client %d: closed after idle_client_timeout", self.id)
+        await self._fatal(
+            SQLState.IDLE_SESSION_TIMEOUT,
+            "terminating connection due to idle_client_timeout "
+            f"({idle_timeout:g} s without activity)",
+        )
+        return b""  # closed: the session ends as if the client had left
+
+    async def _wait_for_server(self) -> ServerConnection | None:
+        """Borrow, waiting if need be; None when the proxy woke us (a shutdown began:
+        the wait is cancellation-safe, nothing was sent anywhere yet). The pool's own
+        deadline scope is our wait_scope: one cancel scope per wait, not two."""
+        assert self.pool is not None
+        conn = await self.pool.borrow_wakeable(
+            self.config.pool.connection_borrow_timeout, self._expose_wait_scope
+        )
+        self.server = conn
+        return conn
+
+    def _expose_wait_scope(self, scope: trio.CancelScope | None) -> None:
+        self.wait_scope = scope
+
+    def _woken(self) -> bool:
+        """Did the proxy cancel our wait_scope (shutdown, admin KILL)?"""
+        return self.proxy.draining or self.kill_reason is not None
+
     def _give_back_server(self) -> None:
         """The link ends: the pool gets the connection back, in the state the link
         table (trioproxy/_session/link.py, DISPOSITION) says."""
@@ -270,6 +339,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
         if conn is None or self.pool is None:
             return
         tracker = self.tracker
+        session_mode = self.pool_mode is PoolMode.SESSION
         state = link_state(
             sending=False,
             client_at_boundary=self.scanner.at_boundary,
@@ -279,12 +349,12 @@ class ClientSession(ClientAuthentication, ClientParameters):
             copy_both=tracker.copy_both,
             tx_status=tracker.tx_status,
             pinned=self.session.pinned,
-            session_mode=self.pool_mode is PoolMode.SESSION,
+            session_mode=session_mode,
         )
         disposition = DISPOSITION[state]
         holds_state = self.session.pinned or self._reset_server or state is LinkState.PINNED
         if disposition in (Disposition.REUSE, Disposition.ROLLBACK) and (
-            holds_state or self.pool_mode is PoolMode.SESSION
+            holds_state or session_mode
         ):
             # Session state (pinned, session mode, DISCARD/DEALLOCATE ran) goes with
             # DISCARD ALL, whatever the transaction state (ROLLBACK first if needed).
@@ -297,6 +367,16 @@ class ClientSession(ClientAuthentication, ClientParameters):
             reset_session=disposition is Disposition.RESET,
         )
         self.tracker = TransactionTracker()
+
+    def _server_scanner(self) -> StreamScanner:
+        """The scanner for the next link's server stream: the last one again when it
+        stopped at a message boundary (as every released link does), else a new one."""
+        scanner = self._last_server_scanner
+        if scanner is None or not scanner.at_boundary:
+            scanner = self._last_server_scanner = StreamScanner(
+                inspect=SERVER_INSPECT, max_message_size=self.config.proxy.max_message_size
+            )
+        return scanner
 
     def _enable_statements(self, conn: ServerConnection) -> Callable[[], LinkedMapper]:
         def enable() -> LinkedMapper:
@@ -333,7 +413,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
         if body is None:
             return
         try:
-            message = decode_frontend(Message(type_, body))
+            message = _decode_inspected(type_, body)
         except ProtocolError:
             new = [r] if (r := self.session._pin("unparsable statement", None)) else []
         else:
@@ -415,6 +495,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
         pending = bytearray(self._carry_over)
         scanned: list[ScannedMessage] = list(self.scanner.feed(pending)) if pending else []
         skipping = False  # after an error the proxy answered itself: discard until Sync
+        read_now = False  # try the client's socket without waiting (see below)
         while True:
             # Between transactions (never linked here): the clean moment to leave.
             if self.proxy.draining or self.kill_reason is not None:
@@ -422,29 +503,23 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 await self._fatal(SQLState.ADMIN_SHUTDOWN, self.kill_reason or SHUTDOWN_MESSAGE)
                 return
             if not scanned:
-                idle_timeout = self.config.proxy.idle_client_timeout
-                with trio.CancelScope() as wait:
-                    self.wait_scope = wait
-                    with trio.move_on_after(
-                        idle_timeout if idle_timeout > 0 else float("inf")
-                    ) as idle:
-                        chunk = await self.transport.receive_some()
-                self.wait_scope = None
-                if wait.cancelled_caught:
-                    continue  # woken by the proxy: see draining above
-                if idle.cancelled_caught:
-                    logger.info("client %d: closed after idle_client_timeout", self.id)
-                    await self._fatal(
-                        SQLState.IDLE_SESSION_TIMEOUT,
-                        "terminating connection due to idle_client_timeout "
-                        f"({idle_timeout:g} s without activity)",
-                    )
-                    return
+                # Right after a transaction, the next request is often there already:
+                # then nothing to wait for. Only then: that transaction waited for its
+                # server, so this task has yielded since its last read (a client that
+                # keeps its socket full never monopolises the event loop).
+                chunk = self.transport.receive_now() if read_now else None
+                read_now = False
+                if chunk is None:
+                    chunk = await self._wait_for_client()
+                    if chunk is None:
+                        continue  # woken by the proxy: see draining above
                 if not chunk:
                     return
                 base = len(pending)
                 pending += chunk
-                scanned = [(t, b, base + e) for t, b, e in self.scanner.feed(chunk)]
+                scanned = self.scanner.feed(chunk)  # a new list: ours to keep
+                if base:
+                    scanned = [(t, b, base + e) for t, b, e in scanned]
                 continue
             if scanned[0][0] == Frontend.TERMINATE:
                 return
@@ -457,17 +532,14 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 await self.proxy.wait_resumed(self.database)
                 continue
             try:
-                # A wait for a server connection ends, too, when a shutdown begins
-                # (borrow() is cancellation-safe; nothing was sent anywhere yet).
-                with trio.CancelScope() as wait:
-                    self.wait_scope = wait
-                    conn = await self._borrow()
-                self.wait_scope = None
-                if wait.cancelled_caught:
-                    continue
-                await self._sync_parameters(conn)
+                # An idle connection is taken at once (sync: no cancel scope, no
+                # checkpoint); otherwise we wait for one.
+                conn = self._try_borrow() or await self._wait_for_server()
+                if conn is None:
+                    continue  # woken by the proxy: see draining above
+                if not self._parameters_in_sync(conn):
+                    await self._sync_parameters(conn)
             except (BorrowTimeout, BackendError) as exc:
-                self.wait_scope = None
                 self._give_back_server()
                 skipping, consumed = await self._answer_error(scanned, exc)
                 del pending[:consumed]
@@ -476,18 +548,19 @@ class ClientSession(ClientAuthentication, ClientParameters):
             data, messages = bytes(pending), scanned
             pending.clear()
             scanned = []
+            released = self.transactions
             outcome = await self._relay(conn, data, messages)
             if outcome is not None:
                 return
+            read_now = self.transactions != released
 
     async def _relay(
         self, conn: ServerConnection, data: bytes, messages: list[ScannedMessage]
     ) -> Outcome | None:
         """Run one linked period; None means the client goes on."""
         linked = None
-        if self.pool_mode is PoolMode.TRANSACTION and (
-            self.statements.statements or _has_named_parse(messages)
-        ):
+        transaction_mode = self.pool_mode is PoolMode.TRANSACTION
+        if transaction_mode and (self.statements.statements or _has_named_parse(messages)):
             conn.statements.capacity = self.config.pool.max_prepared_statements
             linked = self.statements.link(conn.statements)
         self._mapping = linked is not None
@@ -496,18 +569,14 @@ class ClientSession(ClientAuthentication, ClientParameters):
             server=conn,
             tracker=self.tracker,
             client_scanner=self.scanner,
-            server_scanner=StreamScanner(
-                inspect=SERVER_INSPECT, max_message_size=self.config.proxy.max_message_size
-            ),
+            server_scanner=self._server_scanner(),
             hold=self._hold,
             on_client_message=self._on_client_message,
             on_parameter_status=self._on_parameter_status,
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
             statements=linked,
             response_latency=self.proxy.response_latency,
-            enable_statements=(
-                self._enable_statements(conn) if self.pool_mode is PoolMode.TRANSACTION else None
-            ),
+            enable_statements=self._enable_statements(conn) if transaction_mode else None,
         )
         try:
             outcome = await relay.run(data, messages)
@@ -611,6 +680,24 @@ class ClientSession(ClientAuthentication, ClientParameters):
 
     def cancel_key_matches(self, secret_key: bytes) -> bool:
         return hmac.compare_digest(secret_key, self.secret_key)
+
+
+def _decode_inspected(type_: int, body: bytes) -> FrontendMessage:
+    """``decode_frontend``, with shortcuts for the common cases of the hot path: a Query,
+    and a Parse without parameter types (the same checks, without the generic cursor).
+    Anything else, or anything malformed, takes the generic path, which says why."""
+    try:
+        if type_ == Frontend.QUERY:
+            if body and body.find(b"\0") == len(body) - 1:
+                return Query(body[:-1].decode())
+        elif type_ == Frontend.PARSE:
+            name_end = body.find(b"\0")
+            sql_end = body.find(b"\0", name_end + 1) if name_end >= 0 else -1
+            if sql_end >= 0 and body[sql_end + 1 :] == b"\0\0":  # no parameter types
+                return Parse(body[:name_end].decode(), body[name_end + 1 : sql_end].decode())
+    except UnicodeDecodeError:
+        pass
+    return decode_frontend(Message(type_, body))
 
 
 def _has_named_parse(messages: list[ScannedMessage]) -> bool:

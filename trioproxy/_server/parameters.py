@@ -80,6 +80,14 @@ def _parse_options(options: str) -> dict[str, str]:
     return result
 
 
+#: Reported parameters whose names PostgreSQL spells in mixed case (ParameterStatus).
+_SERVER_SPELLING = {
+    "datestyle": "DateStyle",
+    "intervalstyle": "IntervalStyle",
+    "timezone": "TimeZone",
+}
+
+
 def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
     for key, value in parameters.items():
         if key.lower() == name:
@@ -154,9 +162,23 @@ class ClientParameters(SessionBase):
             reported[canonical.get(name, name)] = value
         return reported
 
+    def _parameters_in_sync(self, conn: ServerConnection) -> bool:
+        """Does the server connection already have this client's session parameters?
+        (Asked before every transaction, so sync and cheap: the usual answer is yes.)"""
+        server_values = conn.parameters  # as the server spells the names (TimeZone)
+        for name, value in self.parameters.items():
+            # Look the name up as PostgreSQL spells it, and only if that misses,
+            # case-insensitively.
+            current = server_values.get(_SERVER_SPELLING.get(name, name))
+            if current != value and (current is not None or _lookup(server_values, name) != value):
+                return False
+        return self.extra_parameters == conn.extra_parameters
+
     async def _sync_parameters(self, conn: ServerConnection) -> None:
         """Make the server connection's session parameters this client's (one round trip
         only when something differs)."""
+        if self._parameters_in_sync(conn):
+            return
         # set_config takes the value as the server printed it (a list such as
         # search_path '"$user", public' included), which SET name TO 'literal' does not.
         changes: list[str] = []

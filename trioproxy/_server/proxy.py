@@ -29,6 +29,13 @@ import trio
 
 from trioproxy._auth.channel_binding import tls_server_end_point
 from trioproxy._auth.sigv4 import AccessKey, TokenPolicy
+from trioproxy._cluster.forwarding import (
+    cancel_socket_path,
+    forward_to_peer,
+    forward_to_worker,
+    serve_cancel_socket,
+)
+from trioproxy._cluster.keys import KeyLayout, Owner
 from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
 from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._pool.pool import BackendPool
@@ -53,10 +60,11 @@ from trioproxy.errors import AuthenticationFailed, ConfigError, TrioproxyError
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Iterator, Sequence
     from pathlib import Path
 
     from trioproxy._auth.credentials import CredentialStore
+    from trioproxy._cluster.worker import WorkerRuntime
 
 logger = logging.getLogger("trioproxy")
 
@@ -92,8 +100,16 @@ class ProxyAddress:
 class Proxy:
     """Shared state of one running proxy (one per ``serve`` call)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, runtime: WorkerRuntime | None = None) -> None:
         self.config = config
+        #: Set when this proxy is one worker of several (``workers = N``, the CLI).
+        self.runtime = runtime
+        self.key_layout = KeyLayout(
+            config.proxy.peer_id, runtime.worker_id if runtime is not None else 0
+        )
+        #: Addresses of [[peers]] (resolved when run() starts): cancels they forward are
+        #: never forwarded again (a misconfigured pair must not bounce one forever).
+        self.peer_addresses: set[str] = set()
         # Users' secrets (secret_file / secret_arn) are read here; secrets.run() re-reads
         # them and swaps self.credentials (see _server/secret_refresh.py).
         self.secrets = SecretRefresher(config)
@@ -131,7 +147,9 @@ class Proxy:
             server_lifetime=pool_config.server_lifetime,
             server_idle_timeout=pool_config.server_idle_timeout,
         )
-        self.budget = ServerBudget(self.limits)
+        self.budget = ServerBudget(
+            self.limits, shared=runtime.ledger if runtime is not None else None
+        )
         #: Pools of read-only endpoints (standbys), apart from the writer's pools.
         self.read_only_pools: dict[tuple[str, str], BackendPool] = {}
         self._listener_roles: dict[socket.socket, EndpointRole] = {}
@@ -205,8 +223,11 @@ class Proxy:
     # --- clients ----------------------------------------------------------------------
 
     def register_cancel_key(self, session: ClientSession) -> tuple[int, int]:
+        """A (process id, secret) pair for BackendKeyData; the process id names this
+        instance and worker (trioproxy/_cluster/keys.py), the secret is 32 random bits."""
+        layout = self.key_layout
         while True:
-            process_id = secrets.randbits(31)
+            process_id = layout.process_id(secrets.randbits(32))
             if process_id and process_id not in self._cancel_keys:
                 break
         self._cancel_keys[process_id] = session
@@ -223,7 +244,39 @@ class Proxy:
     def sessions(self) -> Iterator[ClientSession]:
         return iter(list(self.clients.values()))
 
-    async def cancel(self, process_id: int, secret_key: bytes) -> bool:
+    async def cancel(self, process_id: int, secret_key: bytes, *, sender: str = "") -> bool:
+        """Act on a CancelRequest from ``sender`` (an address), wherever its key was
+        issued. Returns False when the key is known to be wrong (a failed login)."""
+        route = self.key_layout.route(process_id)
+        if sender in self.peer_addresses:
+            # Forwarded by a peer: a wrong key is the guesser's, not the peer's (the
+            # back-off must not block every cancel that peer forwards).
+            if route.owner is Owner.HERE:
+                await self.cancel_here(process_id, secret_key)
+            else:
+                logger.info("cancel request from a peer with another instance's key ignored")
+            return True
+        if route.owner is Owner.HERE:
+            return await self.cancel_here(process_id, secret_key)
+        runtime = self.runtime
+        if route.owner is Owner.WORKER:
+            if runtime is None or route.target >= runtime.spec.workers:
+                return await self.cancel_here(process_id, secret_key)  # unknown: wrong key
+            logger.info("cancel request forwarded to worker %d", route.target)
+            verdict = await forward_to_worker(
+                runtime.directory, route.target, process_id, secret_key
+            )
+            return verdict is not False
+        peer = next((p for p in self.config.peers if p.peer_id == route.target), None)
+        if peer is None:
+            return await self.cancel_here(process_id, secret_key)  # unknown: wrong key
+        logger.info(
+            "cancel request forwarded to peer %d (%s:%d)", peer.peer_id, peer.host, peer.port
+        )
+        await forward_to_peer(peer, process_id, secret_key)
+        return True  # only the peer can tell, and PostgreSQL's protocol has no answer
+
+    async def cancel_here(self, process_id: int, secret_key: bytes) -> bool:
         """Forward a CancelRequest to the server connection the client uses right now.
         Returns whether the key was right."""
         session = self._cancel_keys.get(process_id)
@@ -321,13 +374,24 @@ class Proxy:
     ) -> None:
         """Serve until cancelled, or until a drain (``drain()``, ``shutdown()``) ends."""
         self.stats.started_at = trio.current_time()
-        listeners = open_listeners(self.config)
+        runtime = self.runtime
+        listeners = open_listeners(
+            self.config, ports=runtime.spec.listen_ports if runtime is not None else None
+        )
         try:
             with trio.CancelScope() as self._run_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self._pool_nursery = await nursery.start(_child_nursery)
                     self.secrets.start_once(self._pool_nursery, self)
+                    await self._resolve_peers()
+                    if runtime is not None:
+                        self._pool_nursery.start_soon(self.budget.share)
+                        await nursery.start(
+                            serve_cancel_socket,
+                            cancel_socket_path(runtime.directory, runtime.worker_id),
+                            self.cancel_here,
+                        )
                     clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
                     addresses: list[ProxyAddress] = []
                     roles = [role for _address, role in listen_roles(self.config)]
@@ -339,11 +403,15 @@ class Proxy:
                     nursery.start_soon(self._accept_until_drained, listeners, clients_nursery)
                     metrics_listen = self.config.proxy.metrics_listen
                     if metrics_listen is not None:
+                        port = metrics_listen.port
+                        if runtime is not None and port:
+                            port += runtime.worker_id  # one endpoint per worker
                         self.metrics_addresses = await nursery.start(
-                            serve_metrics, self, metrics_listen.host, metrics_listen.port
+                            serve_metrics, self, metrics_listen.host, port
                         )
                     logger.info(
-                        "trioproxy listening on %s (tls=%s, pool_mode=%s)",
+                        "trioproxy%s listening on %s (tls=%s, pool_mode=%s)",
+                        f" worker {runtime.worker_id}" if runtime is not None else "",
                         ", ".join(f"{a.host}:{a.port}" for a in addresses),
                         "required"
                         if self.config.proxy.require_tls
@@ -534,6 +602,15 @@ class Proxy:
             )
         return notes
 
+    async def _resolve_peers(self) -> None:
+        for peer in self.config.peers:
+            try:
+                infos = await trio.socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                logger.warning("peer %d: cannot resolve %s: %s", peer.peer_id, peer.host, exc)
+                continue
+            self.peer_addresses.update(str(info[4][0]) for info in infos)
+
     def _apply_limits(self, config: Config) -> None:
         pool_config = config.pool
         limits = PoolLimits(
@@ -564,7 +641,14 @@ class Proxy:
 
 
 #: Settings that need a restart (bound sockets, loaded certificates, the server address).
-_RESTART_PROXY_KEYS = ("listen", "tls_cert_file", "tls_key_file", "metrics_listen")
+_RESTART_PROXY_KEYS = (
+    "listen",
+    "tls_cert_file",
+    "tls_key_file",
+    "metrics_listen",
+    "workers",
+    "peer_id",
+)
 _RESTART_BACKEND_KEYS = ("host", "port", "backend_tls", "backend_tls_ca_file")
 
 
@@ -614,22 +698,34 @@ def listen_roles(config: Config) -> list[tuple[ListenAddress, EndpointRole]]:
     return out
 
 
-def open_listeners(config: Config) -> list[socket.socket]:
-    """Listening sockets, in the order of ``listen_roles(config)``."""
+def open_listeners(
+    config: Config, *, ports: Sequence[int] | None = None, listen: bool = True
+) -> list[socket.socket]:
+    """Listening sockets, in the order of ``listen_roles(config)``.
+
+    ``ports`` (workers): bind these resolved ports with SO_REUSEPORT, as every worker of
+    the instance does. ``listen=False`` (the supervisor): only bind, with SO_REUSEPORT,
+    which reserves the ports (and resolves port 0) without taking any connection.
+    """
     listeners: list[socket.socket] = []
+    shared = ports is not None or not listen
     try:
-        for address, _role in listen_roles(config):
+        for index, (address, _role) in enumerate(listen_roles(config)):
+            port = ports[index] if ports is not None else address.port
             infos = socket.getaddrinfo(
-                address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                address.host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, type_, proto, _canon, sockaddr = infos[0]
             sock = socket.socket(family, type_, proto)
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
-            sock.listen(4096)
+            if listen:
+                sock.listen(4096)
             sock.setblocking(False)
     except OSError as exc:
         for sock in listeners:

@@ -43,7 +43,7 @@ from trioproxy._protocol.framing import Message, ScannedMessage, StreamScanner
 from trioproxy._protocol.messages import ParameterStatus, Terminate, decode_backend
 from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.link import DECISION, Decision, LinkState, link_state
-from trioproxy._session.tracker import ANSWERED_BY_READY
+from trioproxy._session.tracker import ANSWERED_BY_READY, SERVER_TYPES
 from trioproxy.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -158,6 +158,8 @@ class Relay:
     def _maybe_finish(self) -> None:
         # The session is asked (and settles its pending unpins) only at a real
         # boundary, i.e. when everything else already allows a release.
+        if self.tracker.owed > 0:
+            return  # answers owed: AWAITING_ANSWERS at best, which keeps (as after a request)
         if DECISION[self.state()] is Decision.RELEASE:
             pinned, session_mode = self._hold()
             if DECISION[self.state(pinned=pinned, session_mode=session_mode)] is Decision.RELEASE:
@@ -379,6 +381,8 @@ class Relay:
         try:
             scanned = self.server_scanner.feed(chunk)
             for type_, body, _end in scanned:
+                if type_ not in _SERVER_NOTABLE:
+                    continue  # DataRow, RowDescription, ...: nothing to account for
                 if type_ == Backend.READY_FOR_QUERY and self._asked:
                     asked = self._asked.popleft()
                     if self._response_latency is not None:
@@ -428,6 +432,8 @@ SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})
 #: How long the inline fast path waits for the server before the pumps take over.
 INLINE_PATIENCE = 0.05
 _COPY_STARTS = frozenset({Backend.COPY_IN_RESPONSE, Backend.COPY_BOTH_RESPONSE})
+#: Server messages the relay (or the tracker) does something about; the rest pass.
+_SERVER_NOTABLE = SERVER_TYPES | _COPY_STARTS | {Backend.PARAMETER_STATUS}
 
 
 def _answers_awaited(messages: Sequence[ScannedMessage]) -> bool:

@@ -176,6 +176,8 @@ class SessionState:
     def forgets_statements(self) -> bool:
         """Did the last statements deallocate every prepared statement (DISCARD ALL,
         DEALLOCATE ALL)?"""
+        if not self.pending:  # the common case, once per Query
+            return False
         return any(
             op is StateKind.ALL or (op is StateKind.PREPARED_STATEMENT and name is None)
             for op, name in self.pending

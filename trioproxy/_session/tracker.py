@@ -45,6 +45,14 @@ KNOWN_CLIENT_TYPES: Final = (
     )
 )
 
+#: The only server messages ``server_message`` acts on; it ignores every other type, so
+#: a caller may skip them (DataRow, RowDescription, ...: most of the server's stream).
+SERVER_TYPES: Final = frozenset(
+    {Backend.READY_FOR_QUERY, Backend.COPY_BOTH_RESPONSE, Backend.ERROR_RESPONSE}
+)
+#: ReadyForQuery's status byte -> TxStatus (a dict lookup: once per transaction).
+_TX_STATUS: Final = {status.value: status for status in TxStatus}
+
 
 @attrs.define
 class TransactionTracker:
@@ -76,10 +84,9 @@ class TransactionTracker:
         if type_ == Backend.READY_FOR_QUERY:
             if body is None or len(body) != 1:
                 raise RemoteProtocolError("malformed ReadyForQuery from server")
-            try:
-                status = TxStatus(body)
-            except ValueError:
-                raise RemoteProtocolError(f"invalid transaction status {body!r}") from None
+            status = _TX_STATUS.get(body)
+            if status is None:
+                raise RemoteProtocolError(f"invalid transaction status {body!r}")
             self.server_ready(status)
         elif type_ == Backend.COPY_BOTH_RESPONSE:
             self.copy_both = True

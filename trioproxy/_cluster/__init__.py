@@ -1,0 +1,1 @@
+"""Several processes (``workers``) and several instances (``peers``) acting as one proxy."""
