@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 # Lint the package and tests, plus examples/ and bench/ once they exist.
 LINT_PATHS := trioproxy tests $(wildcard examples) $(wildcard bench)
 
 .DEFAULT_GOAL := help
-.PHONY: help install postgres lint type test-fast test demo bench bench-soak clean distclean
+.PHONY: help install postgres lint type test-fast test demo bench bench-plot bench-soak clean distclean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -41,8 +42,16 @@ test: $(INSTALLED) postgres lint type ## Lint, type-check, then run the whole su
 demo: $(INSTALLED) ## Run the demo (python -m trioproxy.demo)
 	$(BIN)/python -m trioproxy.demo
 
-bench: $(INSTALLED) postgres ## Run the benchmark (bench/run.py)
+# The bench extra (matplotlib, for the plots), on top of the test extras.
+$(BENCH_INSTALLED): $(INSTALLED) pyproject.toml
+	$(BIN)/pip install -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_INSTALLED) postgres ## Run the benchmark (bench/run.py), with plots
 	$(BIN)/python bench/run.py
+
+bench-plot: $(BENCH_INSTALLED) ## Redraw bench/results/*.png from the saved JSON (bench/plots.py)
+	$(BIN)/python -m bench.plots
 
 bench-soak: $(INSTALLED) postgres ## Minutes of steady load on thousands of clients; proxy RSS must not grow (bench/soak.py)
 	$(BIN)/python bench/soak.py

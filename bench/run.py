@@ -18,7 +18,9 @@ What one invocation does:
    samples ``pg_stat_activity`` every 100 ms; then stops the target by PID. A run during
    which other programs used more than 10% of the CPU is measured again (``--retries``);
 3. prints a table and writes ``bench/results/<scenario>.md`` and ``.json`` (``--quick`` runs
-   go to ``bench/results/tmp/``, which git ignores);
+   go to ``bench/results/tmp/``, which git ignores), and ``<scenario>.png`` with
+   ``python -m bench.plots`` (matplotlib: the ``bench`` extra; the plots can be redrawn from
+   the JSON at any time);
 4. stops and removes everything in a ``finally``, also after Ctrl-C or SIGTERM.
 
 Scenarios (``--scenario``, default all of them; one registry, ``SCENARIOS``):
@@ -28,12 +30,18 @@ Scenarios (``--scenario``, default all of them; one registry, ``SCENARIOS``):
   most of them (``sorry, too many clients already``); a pooler queues them.
 * ``tps``: pgbench select-only (``-S``) with ``-M simple``, ``extended`` and ``prepared``,
   and the TPC-B-like default script, at 10 and 50 clients (``-j 2``), 15 s per run: tps,
-  latency average and stddev, and the pooler's CPU µs per transaction.
-* ``churn``: ``pgbench -C -S`` (a new connection per transaction), plain and TLS.
+  latency average and stddev, and the pooler's CPU µs per transaction (summed over all its
+  processes). ``-M prepared`` also runs against PgBouncer in *session* mode (one server
+  connection per client): the report gives trioproxy's ``-M prepared`` tps (transaction
+  mode) divided by it, the issue's target being >= 1. trioproxy runs once per
+  ``--workers`` count (``[proxy] workers``; targets ``trioproxy w=N``; w>1 skipped when
+  the build rejects the key).
+* ``churn``: ``pgbench -C -S`` (a new connection per transaction), plain and TLS; trioproxy
+  once per ``--workers`` count, as in tps.
 * ``connect_latency``: 200 sequential psycopg connections (connect, ``select 1``, close),
   plain and TLS: p50/p95/p99 of connect-to-first-row.
-* ``memory``: 2,000 idle authenticated asyncpg clients; the pooler's VmRSS before and
-  after, in kB per client (poolers only).
+* ``memory``: 2,000 (``--idle-clients``, e.g. 10000) idle authenticated asyncpg clients;
+  the pooler's VmRSS before and after, in all and in kB per client (poolers only).
 
 All but storm are a list of cases, each run ``--repeat`` times per target, interleaved; the
 reports give medians and trioproxy's ratios to PgBouncer and to direct.
@@ -50,6 +58,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -83,7 +92,12 @@ RESULTS = REPO / "bench" / "results"
 
 DB = "bench"  # role and database
 PASSWORD_ENV = "BENCH_PASSWORD"  # noqa: S105 - the variable's name, not a password
-TARGETS = ("direct", "pgbouncer", "trioproxy")
+TARGETS = ("direct", "pgbouncer", "trioproxy")  # what --targets accepts
+# More targets, run by some scenarios only: PgBouncer in session mode (tps, -M prepared: the
+# reference trioproxy's transaction mode is measured against), and trioproxy with N worker
+# processes (tps, churn: one target per --workers count, named by TRIOPROXY_W).
+PGBOUNCER_SESSION = "pgbouncer session"
+TRIOPROXY_W = "trioproxy w={}"
 SAMPLE_INTERVAL = 0.1  # seconds between pg_stat_activity samples
 PG_SETTINGS = {  # appended after the demo cluster's own settings, so these win
     "max_connections": "100",
@@ -99,6 +113,10 @@ WIDTH = 100
 
 class BenchError(Exception):
     """Something the benchmark depends on failed; the message says what."""
+
+
+class StartError(BenchError):
+    """A pooler did not start (or not with all its processes)."""
 
 
 def say(text: str = "") -> None:
@@ -128,6 +146,7 @@ class Settings:
     quick: bool
     output: Path
     pgbench_scale: int = 10
+    workers: tuple[int, ...] = (1, 2)  # trioproxy `[proxy] workers` counts (tps, churn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,34 +454,46 @@ def connect_latency_helper(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def idle_clients_helper(spec: dict[str, Any]) -> dict[str, Any]:
-    """Open ``clients`` authenticated asyncpg connections (at most 50 logins at a time), report
-    ``ready`` on stdout, hold them idle until a line arrives on stdin, then close them."""
+    """Open ``clients`` authenticated asyncpg connections (at most ``concurrency`` logins at
+    a time, each within ``connect_timeout`` s, all within ``connect_deadline`` s: what is not
+    connected by then is given up and counted), report ``ready`` on stdout, hold them idle
+    until a line arrives on stdin, then close them."""
     import asyncpg
 
     began = time.monotonic()
     errors: Counter[str] = Counter()
     conns: list[Any] = []
-    gate = asyncio.Semaphore(50)
+    gate = asyncio.Semaphore(int(spec.get("concurrency", 50)))
+    per_connect = float(spec.get("connect_timeout", 60))
 
     async def one() -> None:
         async with gate:
             try:
-                conns.append(
-                    await asyncpg.connect(
-                        host=spec["host"],
-                        port=spec["port"],
-                        user=spec["user"],
-                        password=spec["password"],
-                        database=spec["database"],
-                        ssl=False,
-                        statement_cache_size=0,
-                        timeout=60,
+                async with asyncio.timeout(per_connect):
+                    conns.append(
+                        await asyncpg.connect(
+                            host=spec["host"],
+                            port=spec["port"],
+                            user=spec["user"],
+                            password=spec["password"],
+                            database=spec["database"],
+                            ssl=False,
+                            statement_cache_size=0,
+                            timeout=per_connect,
+                        )
                     )
-                )
             except Exception as exc:
                 errors[error_key(exc)] += 1
 
-    await asyncio.gather(*(one() for _ in range(int(spec["clients"]))))
+    tasks = [asyncio.create_task(one()) for _ in range(int(spec["clients"]))]
+    _done, pending = await asyncio.wait(tasks, timeout=float(spec.get("connect_deadline", 600)))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        errors[f"not connected within the {spec.get('connect_deadline', 600)} s deadline"] += len(
+            pending
+        )
     connected_s = time.monotonic() - began
     sys.stdout.write("ready " + json.dumps({"connected": len(conns)}) + "\n")
     sys.stdout.flush()
@@ -520,6 +551,78 @@ def process_cpu(pid: int, *, children: bool = False) -> float | None:
     utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
     ticks = utime + stime + (cutime + cstime if children else 0)
     return ticks / clock_ticks()
+
+
+def child_pids(pid: int) -> list[int] | None:
+    """The children of ``pid``, from ``/proc/<pid>/task/*/children`` (None when the kernel
+    does not provide that file)."""
+    children: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []  # gone
+    for task in tasks:
+        try:
+            children += [int(v) for v in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            if not (task / "stat").exists():
+                continue  # the thread ended meanwhile
+            return None  # no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return children
+
+
+def process_family(root: int) -> list[int]:
+    """``root`` and its live descendants, breadth first (children files, or a /proc scan)."""
+    family = [root]
+    table: ProcessTable | None = None
+    for pid in family:  # grows while iterating
+        children = child_pids(pid)
+        if children is None:
+            table = table if table is not None else process_table()
+            children = [child for child, row in table.items() if row[0] == pid]
+        family += [child for child in children if child not in family]
+        if len(family) > 4096:  # bounded, whatever happens in /proc
+            break
+    return family
+
+
+# pid -> (start time in ticks, CPU seconds: own user + system and its reaped children's, name)
+CpuSnapshot = dict[int, tuple[int, float, str]]
+
+
+def cpu_snapshot(pids: Sequence[int]) -> CpuSnapshot:
+    """The CPU used so far by each of ``pids``, including its exited and reaped children, so
+    that the sum over a process family only grows, also when a worker exits and its parent
+    reaps it."""
+    snapshot: CpuSnapshot = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+        snapshot[pid] = (int(fields[19]), ticks / clock_ticks(), name)
+    return snapshot
+
+
+def cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> tuple[float, list[dict[str, Any]]]:
+    """CPU seconds a process family used between two snapshots (the total: its sum after
+    minus its sum before, exited members counted through their parents), and per process
+    (members born meanwhile: everything they used)."""
+    total = sum(v[1] for v in after.values()) - sum(v[1] for v in before.values())
+    per_process: list[dict[str, Any]] = []
+    for pid, (started, cpu, name) in after.items():
+        previous = before.get(pid)
+        used = cpu - previous[1] if previous and previous[0] == started else cpu
+        per_process.append({"pid": pid, "name": name, "cpu_s": round(used, 2)})
+    gone = [pid for pid, row in before.items() if after.get(pid, (None,))[0] != row[0]]
+    if gone:
+        per_process.append({"exited_during_run": gone})
+    return round(total, 2), per_process
 
 
 def machine_cpu() -> tuple[int, int]:
@@ -652,7 +755,7 @@ class Target(Protocol):
 
     def stop(self) -> int | None: ...
 
-    def cpu_seconds(self) -> float | None: ...
+    def cpu_snapshot(self) -> CpuSnapshot | None: ...
 
     def problems(self) -> dict[str, int]: ...
 
@@ -675,7 +778,7 @@ class DirectTarget:
     def stop(self) -> int | None:
         return None
 
-    def cpu_seconds(self) -> float | None:
+    def cpu_snapshot(self) -> CpuSnapshot | None:
         return None
 
     def problems(self) -> dict[str, int]:
@@ -694,19 +797,31 @@ class ServiceTarget:
     markers: tuple[str, ...] = ()
     clean_exit: frozenset[int] = frozenset({0})  # exit statuses after our SIGTERM
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, workdir: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        port: int,
+        workdir: Path,
+        *,
+        processes: int = 1,
+    ):
         self.name = name
         self.argv = argv
         self.env = env
         self.port = port
         self.workdir = workdir
+        self.processes = processes  # at least this many processes once started (workers)
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
-        self.logfile = workdir / f"{name}.log"
+        self.logfile = workdir / f"{name.replace(' ', '-').replace('=', '')}.log"
+        self.leftovers: list[int] = []  # descendants that outlived the last stop
 
     def start(self) -> None:
         self.runs += 1
-        self.logfile = self.workdir / f"{self.name}-{self.runs}.log"
+        stem = self.name.replace(" ", "-").replace("=", "")
+        self.logfile = self.workdir / f"{stem}-{self.runs}.log"
         with self.logfile.open("wb") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - argv built here from absolute paths
                 self.argv,
@@ -719,38 +834,82 @@ class ServiceTarget:
             )
         try:
             wait_for_port(self.port, self.proc, self.logfile, timeout=20)
+            self.wait_settled(timeout=15)
         except BenchError as exc:
             self.stop()
-            raise BenchError(f"{self.name} {exc}") from None
+            raise StartError(f"{self.name} {exc}") from None
+
+    def wait_settled(self, timeout: float) -> None:
+        """Wait until the pooler runs its ``processes`` (a supervisor's workers may still be
+        starting when the port accepts) and their number has not changed for 0.5 s, so that
+        the run's CPU is not their start-up. Bounded by ``timeout``."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        seen, stable_since = len(self.pids()), time.monotonic()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"exited with status {self.proc.returncode} after start-up")
+            time.sleep(0.1)
+            count = len(self.pids())
+            if count != seen:
+                seen, stable_since = count, time.monotonic()
+            elif count >= self.processes and time.monotonic() - stable_since >= 0.5:
+                return
+        if seen < self.processes:
+            raise BenchError(
+                f"runs {seen} process(es) {timeout:g} s after start-up, expected at least "
+                f"{self.processes}"
+            )
 
     def stop(self) -> int | None:
+        """SIGTERM the pooler by PID; then stop, by PID, any of its descendants that outlived
+        it (worker processes must exit with their supervisor)."""
         proc, self.proc = self.proc, None
-        return None if proc is None else stop_process(proc)
+        if proc is None:
+            return None
+        family = cpu_snapshot(process_family(proc.pid)[1:])
+        code = stop_process(proc)
+        self.leftovers = []
+        for pid, (started, _cpu, _name) in family.items():
+            if cpu_snapshot([pid]).get(pid, (None,))[0] != started:
+                continue  # gone (or the PID was reused: not ours)
+            self.leftovers.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for pid in self.leftovers:
+            while time.monotonic() < deadline and cpu_snapshot([pid]):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)  # not our child: usually raises at once
+                time.sleep(0.05)
+            started = family[pid][0]
+            if cpu_snapshot([pid]).get(pid, (None,))[0] == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return code
 
     def pids(self) -> list[int]:
         """The pooler's process and its live descendants (worker processes, if any)."""
-        if self.proc is None:
-            return []
-        table = process_table()
-        family = [self.proc.pid]
-        for pid in family:  # grows while iterating: a breadth-first walk
-            family += [child for child, row in table.items() if row[0] == pid]
-        return family
+        return [] if self.proc is None else process_family(self.proc.pid)
 
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of the pooler's processes (their own, from /proc)."""
-        if self.proc is None:
-            return None
-        values = [process_cpu(pid) for pid in self.pids()]
-        return sum(v for v in values if v is not None)
+    def cpu_snapshot(self) -> CpuSnapshot | None:
+        """CPU so far of each of the pooler's processes (the supervisor and its workers)."""
+        return None if self.proc is None else cpu_snapshot(self.pids())
 
     def problems(self) -> dict[str, int]:
         return log_problems(self.logfile, self.markers)
 
     def exit_problem(self, code: int | None) -> str | None:
-        if code is None or code in self.clean_exit:
-            return None
-        return f"exit status {code} after SIGTERM (expected {sorted(self.clean_exit)})"
+        problems = []
+        if code is not None and code not in self.clean_exit:
+            expected = sorted(self.clean_exit)
+            problems.append(f"exit status {code} after SIGTERM (expected {expected})")
+        if self.leftovers:
+            problems.append(
+                f"{len(self.leftovers)} descendant process(es) outlived it and were stopped "
+                f"by PID: {self.leftovers}"
+            )
+        return "; ".join(problems) or None
 
 
 class PgBouncerTarget(ServiceTarget):
@@ -844,13 +1003,19 @@ class Environment:
         self.nofile = raise_nofile_limit()
         self.tls_ca: Path | None = None
         self.config_files: dict[str, Path] = {}
+        self.config_writers: dict[str, Callable[[int], str]] = {}
+        self.verifier = ""
+        self.tls_files: tuple[Path, Path] | None = None
+        self.workers_supported = False
+        self.workers_check = "not checked"
+        self.workers_start_failure: str | None = None
         self.pgbench_scale: int | None = None  # set once pgbench -i has run
         self.trioproxy_tls: tuple[Path | str, Path | str] = ("", "")
 
     # -- set-up ------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from trioproxy.demo import RUN_AS, chown_to_owner
+        from trioproxy.demo import chown_to_owner
         from trioproxy.testing.certs import make_self_signed_ca_and_server
 
         if "pgbouncer" in self.settings.targets:
@@ -895,47 +1060,95 @@ class Environment:
             raise BenchError(f"unexpected password verifier for role {DB}: {verifier[:14]}...")
 
         self.targets["direct"] = DirectTarget(cluster.port)
+        self.verifier = verifier
+        self.tls_files = (tls.server_cert, tls.server_key)
         if "pgbouncer" in self.settings.targets:
-            assert self.pgbouncer is not None
-            workdir = self.base / "pgbouncer"
-            workdir.mkdir()
-            port = free_port_checked()
-            ini = workdir / "pgbouncer.ini"
-            self.config_files["pgbouncer"] = ini
-            ini.write_text(self.pgbouncer_ini(port))
-            for source, name in ((tls.server_cert, "server.crt"), (tls.server_key, "server.key")):
-                shutil.copyfile(source, workdir / name)
-                (workdir / name).chmod(0o600)
-            # The SCRAM verifier, not the password: PgBouncer then checks clients without
-            # running PBKDF2 per login (as trioproxy, which derives it once at start), and
-            # logs in to PostgreSQL with the client's SCRAM keys (pass-through).
-            (workdir / "userlist.txt").write_text(f'"{DB}" "{verifier}"\n')
-            (workdir / "userlist.txt").chmod(0o600)
-            if os.geteuid() == 0:
-                for path in (workdir, ini, workdir / "userlist.txt"):
-                    shutil.chown(path, user=RUN_AS, group=RUN_AS)
-                for name in ("server.crt", "server.key"):
-                    shutil.chown(workdir / name, user=RUN_AS, group=RUN_AS)
-            command = f"ulimit -n {self.nofile} && exec {shlex.quote(self.pgbouncer)} {ini}"
-            argv = as_service_user(["/bin/sh", "-c", command])
-            self.targets["pgbouncer"] = PgBouncerTarget(
-                "pgbouncer", argv, clean_env(), port, workdir
-            )
+            self.add_pgbouncer("pgbouncer", "transaction")
+            # The reference for -M prepared, which PgBouncer 1.18 cannot pool per transaction.
+            self.add_pgbouncer(PGBOUNCER_SESSION, "session")
         if "trioproxy" in self.settings.targets:
-            workdir = self.base / "trioproxy"
-            workdir.mkdir()
-            port = free_port_checked()
-            config = workdir / "bench.toml"
-            self.config_files["trioproxy"] = config
-            config.write_text(self.trioproxy_toml(port))
-            argv = [sys.executable, "-m", "trioproxy", "--config", str(config)]
-            env = clean_env(**{PASSWORD_ENV: self.password})
-            self.targets["trioproxy"] = TrioproxyTarget("trioproxy", argv, env, port, workdir)
+            self.add_trioproxy("trioproxy", 1)
+            if any(n > 1 for n in self.settings.workers):
+                self.check_workers_support(max(self.settings.workers))
+            for n in self.settings.workers:
+                if n == 1 or self.workers_supported:
+                    self.add_trioproxy(TRIOPROXY_W.format(n), n)
 
-    def pgbouncer_ini(self, port: int) -> str:
+    def add_pgbouncer(self, name: str, pool_mode: str) -> None:
+        from trioproxy.demo import RUN_AS
+
+        assert self.pgbouncer is not None
+        workdir = self.base / name.replace(" ", "-")
+        workdir.mkdir()
+        port = free_port_checked()
+        ini = workdir / "pgbouncer.ini"
+        self.config_files[name] = ini
+        self.config_writers[name] = lambda port: self.pgbouncer_ini(port, pool_mode)
+        ini.write_text(self.pgbouncer_ini(port, pool_mode))
+        assert self.tls_files is not None
+        for source, copy in zip(self.tls_files, ("server.crt", "server.key"), strict=True):
+            shutil.copyfile(source, workdir / copy)
+            (workdir / copy).chmod(0o600)
+        # The SCRAM verifier, not the password: PgBouncer then checks clients without
+        # running PBKDF2 per login (as trioproxy, which derives it once at start), and
+        # logs in to PostgreSQL with the client's SCRAM keys (pass-through).
+        (workdir / "userlist.txt").write_text(f'"{DB}" "{self.verifier}"\n')
+        (workdir / "userlist.txt").chmod(0o600)
+        if os.geteuid() == 0:
+            for path in (workdir, ini, workdir / "userlist.txt"):
+                shutil.chown(path, user=RUN_AS, group=RUN_AS)
+            for copy in ("server.crt", "server.key"):
+                shutil.chown(workdir / copy, user=RUN_AS, group=RUN_AS)
+        command = f"ulimit -n {self.nofile} && exec {shlex.quote(self.pgbouncer)} {ini}"
+        argv = as_service_user(["/bin/sh", "-c", command])
+        self.targets[name] = PgBouncerTarget(name, argv, clean_env(), port, workdir)
+
+    def add_trioproxy(self, name: str, workers: int) -> None:
+        workdir = self.base / name.replace(" ", "-").replace("=", "")
+        workdir.mkdir()
+        port = free_port_checked()
+        config = workdir / "bench.toml"
+        self.config_files[name] = config
+        self.config_writers[name] = lambda port: self.trioproxy_toml(port, workers)
+        config.write_text(self.trioproxy_toml(port, workers))
+        argv = [sys.executable, "-m", "trioproxy", "--config", str(config)]
+        env = clean_env(**{PASSWORD_ENV: self.password})
+        self.targets[name] = TrioproxyTarget(name, argv, env, port, workdir, processes=workers)
+
+    def check_workers_support(self, workers: int) -> None:
+        """Does this build accept ``[proxy] workers``? ``trioproxy --check-config`` on a
+        configuration with it; when it is rejected, the w>1 targets are skipped."""
+        path = self.base / "workers-check.toml"
+        path.write_text(self.trioproxy_toml(free_port_checked(), workers))
+        argv = [sys.executable, "-m", "trioproxy", "--check-config", str(path)]
+        proc = subprocess.run(  # noqa: S603 - our own interpreter and module
+            argv,
+            env=clean_env(**{PASSWORD_ENV: self.password}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.workers_supported = proc.returncode == 0
+        answer = (proc.stderr or proc.stdout).strip().splitlines()
+        self.workers_check = (
+            f"`trioproxy --check-config` with `workers = {workers}`: exit {proc.returncode}"
+            + (f", `{answer[-1][:200]}`" if answer else "")
+        )
+        if not self.workers_supported:
+            say(f"  workers not supported by this build ({self.workers_check}): w>1 skipped")
+
+    def pgbouncer_ini(self, port: int, pool_mode: str = "transaction") -> str:
         pool = self.settings.pool_size
+        if pool_mode == "session":
+            # Session mode holds a server connection per client for the whole session:
+            # serving N concurrent clients takes N (with fewer, pgbench's blocking
+            # prepare stalls a whole thread until query_wait_timeout). That cost is what
+            # the -M prepared target compares against.
+            pool = max(pool, max(self.settings.clients))
+        most = max(10000, max(self.settings.clients) + 100)
         return f"""\
-;; Written by bench/run.py: transaction pooling, {pool} server connections, like trioproxy.
+;; Written by bench/run.py: {pool_mode} pooling, {pool} server connections, like trioproxy.
 [databases]
 {DB} = host=127.0.0.1 port={self.cluster.port} dbname={DB}
 
@@ -945,12 +1158,12 @@ listen_port = {port}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = userlist.txt
-pool_mode = transaction
+pool_mode = {pool_mode}
 default_pool_size = {pool}
 max_db_connections = {pool}
 min_pool_size = 0
 reserve_pool_size = 0
-max_client_conn = 10000
+max_client_conn = {most}
 listen_backlog = 4096
 query_wait_timeout = 120
 server_login_retry = 1
@@ -960,12 +1173,15 @@ client_tls_cert_file = server.crt
 client_tls_key_file = server.key
 """
 
-    def trioproxy_toml(self, port: int) -> str:
+    def trioproxy_toml(self, port: int, workers: int = 1) -> str:
+        most = max(10000, max(self.settings.clients) + 100)
+        # workers = 1 is the default: left out, so that builds without the key still start.
+        workers_line = f"workers = {workers}\n" if workers > 1 else ""
         return f"""\
 # Written by bench/run.py: transaction pooling, {self.settings.pool_size} server connections.
 [proxy]
 listen = "127.0.0.1:{port}"
-max_client_connections = 10000
+{workers_line}max_client_connections = {most}
 tls_cert_file = "{self.trioproxy_tls[0]}"   # TLS for clients that ask; plain ones too
 tls_key_file = "{self.trioproxy_tls[1]}"
 
@@ -987,9 +1203,32 @@ password_env = "{PASSWORD_ENV}"
         files, which they read at their next (cold) start."""
         self.settings = settings
         for name, path in self.config_files.items():
-            port = self.targets[name].port
-            text = self.pgbouncer_ini(port) if name == "pgbouncer" else self.trioproxy_toml(port)
-            path.write_text(text)
+            path.write_text(self.config_writers[name](self.targets[name].port))
+
+    def trioproxy_variants(self) -> list[str]:
+        """The trioproxy targets of the scenarios that compare worker counts (tps, churn)."""
+        if "trioproxy" not in self.settings.targets:
+            return []
+        return [
+            TRIOPROXY_W.format(n)
+            for n in self.settings.workers
+            if TRIOPROXY_W.format(n) in self.targets
+        ]
+
+    def workers_note(self) -> str | None:
+        """A line for the report when the w>1 targets could not run."""
+        if "trioproxy" not in self.settings.targets:
+            return None
+        skipped = [n for n in self.settings.workers if n > 1 and not self.workers_supported]
+        if skipped:
+            names = ", ".join(TRIOPROXY_W.format(n) for n in skipped)
+            return f"{names}: skipped, workers not supported by this build ({self.workers_check})"
+        if self.workers_start_failure:
+            return (
+                "trioproxy with several workers: workers not supported by this build (the "
+                f"configuration is accepted, but the proxy {self.workers_start_failure})"
+            )
+        return None
 
     def pgbench_env(self, *, tls: bool) -> dict[str, str]:
         """libpq's environment for pgbench: the password, and TLS either required (verified
@@ -1155,7 +1394,12 @@ password_env = "{PASSWORD_ENV}"
                 start_new_session=True,
             )
         self.loadgens.append(proc)
-        timer = threading.Timer(timeout, lambda: proc.poll() is None and proc.kill())
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+
+        timer = threading.Timer(timeout, kill)
         timer.start()
         try:
             assert proc.stdout is not None
@@ -1269,7 +1513,7 @@ def measure(
     target.start()
     try:
         pg_cpu_before = env.postgres_cpu()
-        proxy_cpu_before = target.cpu_seconds()
+        proxy_cpu_before = target.cpu_snapshot()
         busy_before, total_before = machine_cpu()
         parts_before = machine_cpu_parts()
         table_before = process_table()
@@ -1279,9 +1523,15 @@ def measure(
         parts_after = machine_cpu_parts()
         foreign_by_name = foreign_cpu_by_name(table_before, process_table(), env.our_processes())
         foreign = sum(foreign_by_name.values())
-        proxy_cpu_after = target.cpu_seconds()
+        # At the end of the run, before the stop: every process of the pooler (a supervisor
+        # and its workers), each as a delta over the run.
+        proxy_cpu_after = target.cpu_snapshot()
     finally:
         exit_code = target.stop()
+    proxy_cpu: float | None = None
+    proxy_processes: list[dict[str, Any]] = []
+    if proxy_cpu_before is not None and proxy_cpu_after is not None:
+        proxy_cpu, proxy_processes = cpu_delta(proxy_cpu_before, proxy_cpu_after)
     env.wait_quiet()
     pg_cpu_after = env.postgres_cpu()
 
@@ -1299,7 +1549,9 @@ def measure(
         sampler_error=sampler.error,
         server_connections_series=sampler.totals,
         active_server_connections_series=sampler.active,
-        proxy_cpu_s=delta(proxy_cpu_before, proxy_cpu_after),
+        proxy_cpu_s=proxy_cpu,
+        proxy_processes=proxy_processes,
+        proxy_process_count=len([p for p in proxy_processes if "pid" in p]) or None,
         postgres_cpu_s=delta(pg_cpu_before, pg_cpu_after),
         machine_cpu_busy=round((busy_after - busy_before) / (total_after - total_before), 3)
         if total_after > total_before
@@ -1500,28 +1752,68 @@ def run_pgbench(
 def run_cases(
     env: Environment,
     cases: Sequence[dict[str, Any]],
-    targets: Sequence[str],
+    targets: Sequence[str] | Callable[[dict[str, Any]], Sequence[str]],
     work: Callable[[dict[str, Any], Target], dict[str, Any]],
     line: Callable[[dict[str, Any]], str],
     per: tuple[str, str],
 ) -> list[dict[str, Any]]:
-    """Each case, each repetition, each target, interleaved; every run measured. ``per``:
-    (count key, result key) for the pooler's CPU µs per counted unit (transaction, login)."""
+    """Each case, each repetition, each target, interleaved; every run measured. ``targets``:
+    the same for every case, or per case. ``per``: (count key, result key) for the pooler's
+    CPU µs per counted unit (transaction, login).
+
+    A trioproxy target with several workers that does not start (a build without working
+    ``workers``) is recorded as failed once and skipped from then on; any other target that
+    does not start fails the scenario."""
     settings = env.settings
+
+    def of(case: dict[str, Any]) -> Sequence[str]:
+        return targets(case) if callable(targets) else targets
+
     runs: list[dict[str, Any]] = []
-    total = len(cases) * settings.repeat * len(targets)
+    broken: dict[str, str] = {}  # target -> why it did not start
+    total = sum(len(of(case)) for case in cases) * settings.repeat
     for case in cases:
         for repetition in range(1, settings.repeat + 1):
-            for name in targets:
+            for name in of(case):
                 say(f"  [{len(runs) + 1}/{total}] {name:<9} {case['case']}, rep {repetition} ...")
-                result = measure_with_retries(
-                    env, env.targets[name], lambda t, case=case: work(case, t)
-                )
+                if name in broken:
+                    result = not_started(name, broken[name])
+                else:
+                    try:
+                        result = measure_with_retries(
+                            env, env.targets[name], functools.partial(work, case)
+                        )
+                    except StartError as exc:
+                        if not is_multi_worker(name):
+                            raise
+                        broken[name] = f"did not start: {str(exc)[:300]}"
+                        env.workers_start_failure = broken[name]
+                        result = not_started(name, broken[name])
                 result.update({**case, "repetition": repetition})
                 per_tx(result, *per)
                 say("        " + line(result))
                 runs.append(result)
     return runs
+
+
+def not_started(name: str, why: str) -> dict[str, Any]:
+    """The result of a run that could not take place (its target did not start)."""
+    return {
+        "target": name,
+        "status": "failed",
+        "failure": why,
+        "not_started": True,
+        "errors": {},
+        "wall_s": 0.0,
+        "proxy_cpu_s": None,
+        "proxy_log_problems": {},
+        "proxy_exit_problem": None,
+        "times_measured": 0,
+    }
+
+
+def is_multi_worker(name: str) -> bool:
+    return name.startswith("trioproxy w=") and name != TRIOPROXY_W.format(1)
 
 
 def per_tx(result: dict[str, Any], count_key: str, out_key: str) -> None:
@@ -1532,7 +1824,7 @@ def per_tx(result: dict[str, Any], count_key: str, out_key: str) -> None:
 
 def pgbench_line(run: dict[str, Any]) -> str:
     if run["status"] != "ok":
-        return f"FAILED ({run.get('failure')})"
+        return f"{failure_word(run['target'])} ({run.get('failure')})"
     return (
         f"{fmt(run.get('tps'))} tps, latency {fmt(run.get('latency_avg_ms'), 3)} ms "
         f"(stddev {fmt(run.get('latency_stddev_ms'), 3)}), "
@@ -1551,16 +1843,29 @@ TPS_MODES = (
 def run_tps(env: Environment) -> list[dict[str, Any]]:
     env.pgbench_init(env.settings.pgbench_scale)
     cases = [
-        {"case": f"{label}, {clients} clients", "clients": clients, "options": list(options)}
+        {
+            "case": f"{label}, {clients} clients",
+            "mode": label,
+            "clients": clients,
+            "options": list(options),
+        }
         for clients in env.settings.clients
         for label, options in TPS_MODES
     ]
+
+    def targets(case: dict[str, Any]) -> list[str]:
+        names: list[str] = [n for n in ("direct", "pgbouncer") if n in env.settings.targets]
+        # -M prepared: PgBouncer 1.18 cannot run it in transaction mode (still run, shown as
+        # "cannot run"); its session mode is the reference, with one server connection per client.
+        if "prepared" in case["options"] and PGBOUNCER_SESSION in env.targets:
+            names.append(PGBOUNCER_SESSION)
+        return names + env.trioproxy_variants()
 
     def work(case: dict[str, Any], target: Target) -> dict[str, Any]:
         return run_pgbench(env, target, case["options"], case["clients"], tls=False)
 
     per = ("transactions", "proxy_cpu_us_per_tx")
-    return run_cases(env, cases, env.settings.targets, work, pgbench_line, per)
+    return run_cases(env, cases, targets, work, pgbench_line, per)
 
 
 def run_churn(env: Environment) -> list[dict[str, Any]]:
@@ -1580,7 +1885,8 @@ def run_churn(env: Environment) -> list[dict[str, Any]]:
         return run_pgbench(env, target, case["options"], case["clients"], tls=case["tls"])
 
     per = ("transactions", "proxy_cpu_us_per_tx")
-    return run_cases(env, cases, env.settings.targets, work, pgbench_line, per)
+    targets = [name for name in ("direct", "pgbouncer") if name in env.settings.targets]
+    return run_cases(env, cases, targets + env.trioproxy_variants(), work, pgbench_line, per)
 
 
 def helper_spec(env: Environment, target: Target, workload: str) -> dict[str, Any]:
@@ -1628,6 +1934,13 @@ def run_memory(env: Environment) -> list[dict[str, Any]]:
     targets = [name for name in env.settings.targets if name != "direct"]
     if not targets:
         raise BenchError("memory measures the poolers only: add pgbouncer or trioproxy")
+    most = max(env.settings.clients)
+    if env.nofile < most + 100:  # the helper's own limit: the same hard limit as ours
+        raise BenchError(
+            f"{most:,} idle clients need more open files than the limit allows ({env.nofile:,},"
+            f" the hard limit): raise it (ulimit -Hn, or LimitNOFILE= for a service), or use "
+            "fewer --idle-clients"
+        )
     cases = [{"case": f"{n:,} idle clients", "clients": n} for n in env.settings.clients]
 
     def work(case: dict[str, Any], target: Target) -> dict[str, Any]:
@@ -1637,28 +1950,44 @@ def run_memory(env: Environment) -> list[dict[str, Any]]:
 
         def on_ready(state: dict[str, Any]) -> None:
             time.sleep(1.0)  # let the pooler settle after the last login
-            seen["rss_after_kb"] = rss_kb(target.pids())
+            pids = target.pids()
+            seen["rss_after_kb"] = rss_kb(pids)
+            seen["processes"] = len(pids)
             seen.update(state)
 
+        deadline = case["clients"] * 0.05 + 60  # 10,000 clients: 560 s at most to connect
         result = env.run_helper(
-            {**helper_spec(env, target, "idle-clients"), "clients": case["clients"]},
-            timeout=case["clients"] * 0.1 + 120,
+            {
+                **helper_spec(env, target, "idle-clients"),
+                "clients": case["clients"],
+                "concurrency": 50,
+                "connect_timeout": 60,
+                "connect_deadline": deadline,
+            },
+            timeout=deadline + 120,
             on_ready=on_ready,
         )
-        result.update(rss_before_kb=before, rss_after_kb=seen.get("rss_after_kb"))
-        if before is not None and seen.get("rss_after_kb") is not None and result["connected"]:
-            result["kb_per_client"] = round(
-                (seen["rss_after_kb"] - before) / result["connected"], 2
-            )
+        after = seen.get("rss_after_kb")
+        result.update(rss_before_kb=before, rss_after_kb=after)
+        result["processes"] = seen.get("processes")
+        if after is not None:
+            result["rss_total_mib"] = round(after / 1024, 1)
+        if before is not None and after is not None and result["connected"]:
+            result["kb_per_client"] = round((after - before) / result["connected"], 2)
+            result["total_kb_per_client"] = round(after / result["connected"], 2)
         result["status"] = "ok" if result["connected"] == case["clients"] else "failed"
         if result["errors"]:
             result["failure"] = next(iter(result["errors"]))
         return result
 
     def line(run: dict[str, Any]) -> str:
+        if run.get("not_started"):
+            return f"FAILED ({run.get('failure')})"
         return (
-            f"{run['connected']} connected, RSS {fmt(run['rss_before_kb'])} -> "
-            f"{fmt(run['rss_after_kb'])} kB, {fmt(run.get('kb_per_client'), 1)} kB/client, "
+            f"{run['connected']} connected in {fmt(run.get('connect_all_s'), 1)} s, RSS "
+            f"{fmt(run['rss_before_kb'])} -> {fmt(run['rss_after_kb'])} kB "
+            f"({fmt(run.get('rss_total_mib'), 1)} MiB), {fmt(run.get('kb_per_client'), 1)} "
+            f"kB/client above idle, {fmt(run.get('total_kb_per_client'), 1)} kB/client in all, "
             f"pooler CPU {fmt(run.get('proxy_cpu_us_per_login'), 1)} µs/login"
         )
 
@@ -1680,7 +2009,8 @@ PGBENCH_SETUP = (
     "as the `bench` role with SCRAM; its summary lines give tps (without the initial "
     "connection time, except with -C), latency average and stddev. Pooler CPU: user + "
     "system time of the pooler's processes (/proc/<pid>/stat) during the run, divided by "
-    "the transactions pgbench processed"
+    "the transactions pgbench processed; for several processes (workers), the sum over all "
+    "of them, each measured as a delta over the run"
 )
 
 CASE_REPORTS = {
@@ -1730,7 +2060,8 @@ CASE_REPORTS = {
     ),
     "memory": CaseReport(
         setup="one helper process (asyncio + asyncpg, no TLS) opens the clients, at most 50 "
-        "logins at a time, and holds them idle and authenticated; the pooler's VmRSS "
+        "logins at a time (each within 60 s, all within 60 s + 0.05 s per client), and holds "
+        "them idle and authenticated; the pooler's VmRSS "
         "(/proc/<pid>/status, all its processes) is read after start-up and 1 s after the "
         "last login. kB per client = (after - before) / clients. Pooler CPU: per login. "
         "Direct PostgreSQL is not measured (max_connections = 100)",
@@ -1738,12 +2069,43 @@ CASE_REPORTS = {
             ("connected", "connected", 0),
             ("RSS before kB", "rss_before_kb", 0),
             ("RSS after kB", "rss_after_kb", 0),
-            ("kB per client", "kb_per_client", 1),
+            ("RSS total MiB", "rss_total_mib", 1),
+            ("kB per client (above idle)", "kb_per_client", 1),
+            ("kB per client (total RSS / clients)", "total_kb_per_client", 1),
+            ("seconds to connect all", "connect_all_s", 1),
             ("pooler CPU µs/login", "proxy_cpu_us_per_login", 1),
         ),
-        ratios=(("kB per client", "kb_per_client"), ("CPU/login", "proxy_cpu_us_per_login")),
+        ratios=(
+            ("RSS total", "rss_total_mib"),
+            ("kB per client", "kb_per_client"),
+            ("CPU/login", "proxy_cpu_us_per_login"),
+        ),
     ),
 }
+
+
+GIB_KB = 1024 * 1024
+
+
+def memory_summary(results: list[dict[str, Any]]) -> list[str]:
+    """One line per case and pooler: RSS in all and per client, against the issue's budget
+    (10,000 idle clients well under 1 GB)."""
+    lines: list[str] = []
+    for row in results:
+        if "failure" in row:
+            lines.append(f"{row['target']}, {row['case']}: {failure_word(row['target'])}")
+            continue
+        total = row.get("rss_after_kb")
+        if total is None:
+            continue
+        share = total / GIB_KB
+        lines.append(
+            f"{row['target']}, {row['case']} ({fmt(row.get('connected'))} connected): RSS "
+            f"{total / 1024:,.1f} MiB in all, {fmt(row.get('total_kb_per_client'), 1)} kB per "
+            f"client in all, {fmt(row.get('kb_per_client'), 1)} kB per client above its idle "
+            f"RSS; {share:.1%} of 1 GiB"
+        )
+    return lines
 
 
 def median(values: Sequence[float | None]) -> float | None:
@@ -1752,53 +2114,161 @@ def median(values: Sequence[float | None]) -> float | None:
 
 
 def case_results(runs: list[dict[str, Any]], spec: CaseReport) -> list[dict[str, Any]]:
-    """Per case and target: the median of each figure over the successful repetitions, or
-    the failure when no repetition succeeded."""
+    """Per case and target (in the order they ran): the median of each figure over the
+    successful repetitions, or the failure when no repetition succeeded."""
     rows: list[dict[str, Any]] = []
     for case in dict.fromkeys(r["case"] for r in runs):
-        for target in TARGETS:
+        for target in dict.fromkeys(r["target"] for r in runs if r["case"] == case):
             mine = [r for r in runs if r["case"] == case and r["target"] == target]
-            if not mine:
-                continue
             ok = [r for r in mine if r.get("status", "ok") == "ok"]
             row: dict[str, Any] = {"case": case, "target": target, "repetitions": len(mine)}
             row["ok_repetitions"] = len(ok)
+            for key in ("mode", "clients"):
+                if key in mine[0]:
+                    row[key] = mine[0][key]
             for _header, key, _digits in spec.columns:
                 row[key] = median([r.get(key) for r in ok])
-            if not ok:
+            if ok:
+                row["proxy_process_count"] = median([r.get("proxy_process_count") for r in ok])
+            else:
                 row["failure"] = mine[0].get("failure") or "failed"
             rows.append(row)
     return rows
 
 
+REFERENCES = ("pgbouncer", PGBOUNCER_SESSION, "direct")
+
+
+def is_trioproxy(name: str) -> bool:
+    return name == "trioproxy" or name.startswith("trioproxy w=")
+
+
+def failure_word(target: str) -> str:
+    """A reference that fails could not run the workload; trioproxy failing is a bug."""
+    return "cannot run" if target.startswith("pgbouncer") else "FAILED"
+
+
 def case_ratios(results: list[dict[str, Any]], spec: CaseReport) -> list[dict[str, Any]]:
-    """trioproxy's medians divided by the reference's, per case."""
+    """Each trioproxy target's medians divided by each reference's, per case; with several
+    worker counts, also w=N against w=1."""
     by_key = {(r["case"], r["target"]): r for r in results}
     rows: list[dict[str, Any]] = []
     for case in dict.fromkeys(r["case"] for r in results):
-        mine = by_key.get((case, "trioproxy"))
-        if mine is None:
-            continue
-        for other in ("pgbouncer", "direct"):
-            ref = by_key.get((case, other))
-            if ref is None:
-                continue
-            row: dict[str, Any] = {"case": case, "versus": other}
-            for header, key in spec.ratios:
-                if "failure" in ref:
-                    row[header] = "n/a: pgbouncer failed" if other == "pgbouncer" else "n/a"
-                elif "failure" in mine:
-                    row[header] = "trioproxy failed"
-                else:
-                    row[header] = ratio(mine.get(key), ref.get(key))
-            rows.append(row)
+        mine_targets = [r["target"] for r in results if r["case"] == case]
+        for name in filter(is_trioproxy, mine_targets):
+            mine = by_key[(case, name)]
+            others: list[str] = [*REFERENCES]
+            if is_multi_worker(name):
+                others.append(TRIOPROXY_W.format(1))
+            for other in others:
+                ref = by_key.get((case, other))
+                if ref is None:
+                    continue
+                row: dict[str, Any] = {"case": case, "target": name, "versus": other}
+                for header, key in spec.ratios:
+                    if "failure" in ref:
+                        row[header] = "n/a"  # the results table says why
+                    elif "failure" in mine:
+                        row[header] = "FAILED"
+                    else:
+                        row[header] = ratio(mine.get(key), ref.get(key))
+                rows.append(row)
     return rows
+
+
+def ratio_cells(row: dict[str, Any], spec: CaseReport) -> list[str]:
+    return [row["case"], row.get("target", "trioproxy"), row["versus"]] + [
+        str(row[h]) for h, _k in spec.ratios
+    ]
+
+
+def prepared_target(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's target: trioproxy's ``-M prepared`` in transaction mode reaches at least
+    PgBouncer's tps in session mode. One row per client count and trioproxy target."""
+    rows: list[dict[str, Any]] = []
+    by_key = {(r["case"], r["target"]): r for r in results}
+    for case in dict.fromkeys(r["case"] for r in results if r.get("mode", "").endswith("prepared")):
+        session = by_key.get((case, PGBOUNCER_SESSION))
+        if session is None:
+            continue
+        names = [r["target"] for r in results if r["case"] == case]
+        for name in filter(is_trioproxy, names):
+            mine = by_key[(case, name)]
+            value: float | None = None
+            if "failure" not in mine and "failure" not in session and session.get("tps"):
+                value = round(float(mine["tps"]) / float(session["tps"]), 2)
+            rows.append(
+                {
+                    "case": case,
+                    "clients": mine.get("clients"),
+                    "target": name,
+                    "trioproxy_tps": mine.get("tps"),
+                    "trioproxy_failure": mine.get("failure"),
+                    "pgbouncer_session_tps": session.get("tps"),
+                    "pgbouncer_session_failure": session.get("failure"),
+                    "ratio": value,
+                    "met": None if value is None else value >= 1.0,
+                }
+            )
+    return rows
+
+
+def prepared_target_markdown(rows: list[dict[str, Any]], pool_size: int) -> list[str]:
+    if not rows:
+        return []
+    table = [
+        [
+            fmt(r["clients"]),
+            r["target"],
+            fmt(r["trioproxy_tps"]) if not r["trioproxy_failure"] else "FAILED",
+            fmt(r["pgbouncer_session_tps"]) if not r["pgbouncer_session_failure"] else "failed",
+            fmt(r["ratio"], 2),
+            "-" if r["met"] is None else ("**met**" if r["met"] else "**not met**"),
+        ]
+        for r in rows
+    ]
+    return [
+        "## Target: `-M prepared`, trioproxy (transaction mode) / PgBouncer (session mode)",
+        "",
+        "The issue's target: trioproxy's `pgbench -S -M prepared` in transaction mode reaches "
+        "at least PgBouncer's tps in session mode (ratio >= 1.00). PgBouncer 1.18 in transaction "
+        "mode cannot run `-M prepared` at all. Session mode holds one server connection per "
+        "client for the whole session, so its pool is as large as the client count (at "
+        f"least {pool_size}): that many server connections is what serving those clients "
+        "in session mode costs, where trioproxy uses its pool of "
+        f"{pool_size}.",
+        "",
+        *(
+            [
+                "Session mode *cannot run* here: PgBouncer ended the queued clients with "
+                "`query_wait_timeout` (120 s). pgbench (15) prepares a client's statements "
+                "with a synchronous `PQprepare` at its first transaction, so a client queued "
+                "for a session blocks its whole pgbench thread (`-j 2`), including the clients "
+                "that hold the sessions, until the timeout: with more clients than the pool, "
+                "`-M prepared` against session mode stalls instead of queueing.",
+                "",
+            ]
+            if any("query_wait_timeout" in str(r["pgbouncer_session_failure"] or "") for r in rows)
+            else []
+        ),
+        md_table(
+            [
+                "clients",
+                "trioproxy",
+                "trioproxy tps",
+                "PgBouncer session tps",
+                "ratio",
+                "target >= 1.00",
+            ],
+            table,
+        ),
+        "",
+    ]
 
 
 def result_cells(row: dict[str, Any], spec: CaseReport) -> list[str]:
     if "failure" in row:
-        text = "not supported" if row["target"] == "pgbouncer" else "FAILED"
-        first = f"{text}: `{str(row['failure'])[:150]}`"
+        first = f"{failure_word(row['target'])}: `{str(row['failure'])[:150]}`"
         return [first] + ["-"] * (len(spec.columns) - 1)
     return [fmt(row.get(key), digits) for _header, key, digits in spec.columns]
 
@@ -1863,27 +2333,77 @@ def md_header(report: dict[str, Any], setup: str) -> list[str]:
         "offered to clients (PgBouncer `client_tls_sslmode = allow`); each pooler started "
         "cold for each run; targets interleaved (direct, PgBouncer, trioproxy, direct, ...)",
         f"* Clients: {setup}",
+        *extra_targets_lines(report),
         "",
     ]
+
+
+def extra_targets_lines(report: dict[str, Any]) -> list[str]:
+    """What the report says about the session-mode reference and the worker counts."""
+    names = {r["target"] for r in report["runs"]}
+    lines: list[str] = []
+    if PGBOUNCER_SESSION in names:
+        lines.append(
+            f"* `{PGBOUNCER_SESSION}`: a second PgBouncer, `pool_mode = session`, one server "
+            "connection per client (trioproxy and the transaction-mode PgBouncer: "
+            f"{report['settings']['pool_size']}), run for `-M prepared` only: the reference "
+            "for trioproxy's `-M prepared` in transaction mode"
+        )
+    workers = sorted(n for n in names if n.startswith("trioproxy w="))
+    if workers:
+        lines.append(
+            f"* {', '.join(f'`{n}`' for n in workers)}: trioproxy with `[proxy] workers = N` "
+            "(N processes sharing the port with SO_REUSEPORT; w=1 leaves the key out). Its CPU "
+            "is the sum over all its processes, the supervisor and every worker, each measured "
+            "as a delta over the run (processes in the run's median: "
+            + ", ".join(f"{n} {fmt(proc_count(report, n))}" for n in workers)
+            + ")"
+        )
+    note = report["settings"].get("workers_note")
+    if note:
+        lines.append(f"* **{note}**")
+    return lines
+
+
+def proc_count(report: dict[str, Any], target: str) -> float | None:
+    counts = [r.get("proxy_process_count") for r in report["runs"] if r["target"] == target]
+    value = median(counts)
+    return None if value is None else round(value)
+
+
+RATIO_CASE_HEADERS = ("case", "trioproxy", "vs")
 
 
 def render_cases_text(report: dict[str, Any]) -> str:
     spec = CASE_REPORTS[report["scenario"]]
     headers = ["case", "target", *(h for h, _k, _d in spec.columns)]
     rows = [[r["case"], r["target"], *result_cells(r, spec)] for r in report["results"]]
-    ratio_headers = ["case", "trioproxy vs", *(h for h, _k in spec.ratios)]
-    ratio_rows = [
-        [r["case"], r["versus"], *(r[h] for h, _k in spec.ratios)] for r in report["ratios"]
+    ratio_headers = [*RATIO_CASE_HEADERS, *(h for h, _k in spec.ratios)]
+    ratio_rows = [ratio_cells(r, spec) for r in report["ratios"]]
+    out = [
+        f"{report['scenario']}: medians of {report['settings']['repeat']} repetition(s)",
+        text_table(headers, [[c.replace("`", "")[:70] for c in row] for row in rows]),
+        "",
+        "ratios (trioproxy / reference)",
+        text_table(ratio_headers, ratio_rows),
     ]
-    return "\n".join(
-        [
-            f"{report['scenario']}: medians of {report['settings']['repeat']} repetition(s)",
-            text_table(headers, [[c.replace("`", "")[:70] for c in row] for row in rows]),
-            "",
-            "ratios (trioproxy / reference)",
-            text_table(ratio_headers, ratio_rows),
+    if report.get("prepared_target"):
+        out += ["", "target: -M prepared, trioproxy (transaction) / PgBouncer (session) tps >= 1"]
+        out += [
+            f"  {r['case']}, {r['target']}: "
+            + (
+                f"{fmt(r['trioproxy_tps'])} / {fmt(r['pgbouncer_session_tps'])} = "
+                f"{fmt(r['ratio'], 2)} ({'met' if r['met'] else 'NOT met'})"
+                if r["ratio"] is not None
+                else f"n/a (trioproxy: {r['trioproxy_failure'] or 'ok'}; PgBouncer session: "
+                f"{r['pgbouncer_session_failure'] or 'ok'})"
+            )
+            for r in report["prepared_target"]
         ]
-    )
+    out += [f"  {line}" for line in report.get("summary_lines", [])]
+    if report["settings"].get("workers_note"):
+        out += ["", report["settings"]["workers_note"]]
+    return "\n".join(out)
 
 
 def render_cases_markdown(report: dict[str, Any]) -> str:
@@ -1903,14 +2423,17 @@ def render_cases_markdown(report: dict[str, Any]) -> str:
             [[r["case"], r["target"], *result_cells(r, spec)] for r in report["results"]],
         ),
         "",
+        *summary_markdown(report),
+        *prepared_target_markdown(report.get("prepared_target") or [], settings["pool_size"]),
         "## Ratios",
         "",
         "trioproxy's median divided by the reference's (tps: higher is better; latency, "
-        "CPU and memory: lower is better).",
+        "CPU and memory: lower is better). With several worker counts, w=N is also divided "
+        "by w=1.",
         "",
         md_table(
-            ["case", "trioproxy vs", *(h for h, _k in spec.ratios)],
-            [[r["case"], r["versus"], *(r[h] for h, _k in spec.ratios)] for r in report["ratios"]],
+            [*RATIO_CASE_HEADERS, *(h for h, _k in spec.ratios)],
+            [ratio_cells(r, spec) for r in report["ratios"]],
         ),
         "",
         "## Runs",
@@ -1941,8 +2464,15 @@ def render_cases_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def summary_markdown(report: dict[str, Any]) -> list[str]:
+    lines = report.get("summary_lines") or []
+    return ["## Summary", "", *(f"* {line}" for line in lines), ""] if lines else []
+
+
+WORKER_SCENARIOS = ("tps", "churn")  # run trioproxy once per --workers count
+
 SCENARIO_RUNNERS: dict[str, Callable[[Environment], list[dict[str, Any]]]] = {
-    "storm": lambda env: run_scenario(env),
+    "storm": run_scenario,
     "tps": run_tps,
     "churn": run_churn,
     "connect_latency": run_connect_latency,
@@ -2210,8 +2740,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"an attempt gives up after {settings['client_timeout']:g} s; after a failed attempt "
         f"a client pauses {settings['retry_pause']:g} s",
         "* Latency: connect + query of successful attempts. Peak server connections: "
-        "`pg_stat_activity` sampled every 100 ms. Proxy CPU: the pooler process's CPU time "
-        "per successful loop (login + query + logout)",
+        "`pg_stat_activity` sampled every 100 ms. Proxy CPU: the CPU time of the pooler's "
+        "processes per successful loop (login + query + logout)",
         "",
     ]
     for clients in settings["clients"]:
@@ -2311,6 +2841,22 @@ def parser() -> argparse.ArgumentParser:
         help="one scenario, or all of them in one run (default: all)",
     )
     p.add_argument("--clients", type=parse_clients, help="client counts, e.g. 1000,3000")
+    p.add_argument(
+        "--idle-clients",
+        type=parse_clients,
+        metavar="N",
+        help="memory: idle clients, comma-separated (default 2000; --quick 200); 10000 needs "
+        "an open-files hard limit above 10,100 (ulimit -Hn), the bench raises the soft one",
+    )
+    p.add_argument(
+        "--workers",
+        type=parse_clients,
+        default=(1, 2),
+        metavar="N,M",
+        help="tps and churn: run trioproxy once per worker count ([proxy] workers), as targets "
+        "'trioproxy w=N' (default 1,2; counts above 1 are skipped when the build rejects the "
+        "key)",
+    )
     p.add_argument("--duration", type=float, help="seconds of load per run")
     p.add_argument("--repeat", type=int, default=1, help="repetitions (interleaved; default 1)")
     p.add_argument(
@@ -2365,6 +2911,8 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace, name: str) -> Settings:
     scenario = SCENARIOS[name]
     clients = args.clients or (scenario.quick_clients if args.quick else scenario.clients)
+    if name == "memory" and args.idle_clients:
+        clients = args.idle_clients
     duration = args.duration or (scenario.quick_duration if args.quick else scenario.duration)
     output = args.output or (RESULTS / "tmp" if args.quick else RESULTS)
     return Settings(
@@ -2383,6 +2931,7 @@ def settings_from(args: argparse.Namespace, name: str) -> Settings:
         retries=max(0, args.retries),
         quick=args.quick,
         output=output,
+        workers=tuple(dict.fromkeys(args.workers)),
     )
 
 
@@ -2456,7 +3005,15 @@ def write_report(
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "output"},
             "postgresql": PG_SETTINGS,
             "pgbouncer_ini": env.pgbouncer_ini(0) if env.pgbouncer else None,
+            "pgbouncer_session_ini": env.pgbouncer_ini(0, "session") if env.pgbouncer else None,
             "trioproxy_toml": env.trioproxy_toml(0),
+            "trioproxy_workers_toml": env.trioproxy_toml(0, max(settings.workers))
+            if max(settings.workers) > 1
+            else None,
+            "workers_supported": env.workers_supported,
+            "workers_check": env.workers_check,
+            "workers_note": env.workers_note() if settings.scenario in WORKER_SCENARIOS else None,
+            "open_files_limit": env.nofile,
         },
         "runs": runs,
     }
@@ -2467,6 +3024,10 @@ def write_report(
         spec = CASE_REPORTS[settings.scenario]
         report["results"] = case_results(runs, spec)
         report["ratios"] = case_ratios(report["results"], spec)
+        if settings.scenario == "tps":
+            report["prepared_target"] = prepared_target(report["results"])
+        if settings.scenario == "memory":
+            report["summary_lines"] = memory_summary(report["results"])
         text, markdown = render_cases_text(report), render_cases_markdown(report)
     say()
     say(text)
@@ -2477,7 +3038,30 @@ def write_report(
     data.write_text(json.dumps(report, indent=1, default=str) + "\n")
     say()
     say(f"wrote {os.path.relpath(md)} and {os.path.relpath(data)}")
+    say(plot(data))
     say()
+
+
+def plot(data: Path) -> str:
+    """Draw ``<scenario>.png`` next to the JSON and link it from the markdown, with
+    ``python -m bench.plots`` in a process of its own (matplotlib is an optional extra:
+    ``pip install -e '.[bench]'``, which ``make bench`` does)."""
+    try:
+        proc = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "bench.plots", str(data.resolve())],
+            cwd=REPO,
+            env=clean_env(MPLBACKEND="Agg"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "no plot: bench.plots took more than 300 s"
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        return f"no plot (bench.plots exit {proc.returncode}): {text[-600:]}"
+    return text
 
 
 if __name__ == "__main__":
