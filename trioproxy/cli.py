@@ -178,7 +178,9 @@ def _serve(config: Config, worker: int | None = None, run_dir: str | None = None
 def _summary(config: Config) -> str:
     n = len(config.users)
     listen = ", ".join(str(address) for address in config.proxy.listen)
-    return f"configuration OK: {n} user{'' if n == 1 else 's'}, listen {listen}"
+    workers = config.proxy.workers
+    extra = f", {workers} workers" if workers > 1 else ""
+    return f"configuration OK: {n} user{'' if n == 1 else 's'}, listen {listen}{extra}"
 
 
 def _demo(argv: Sequence[str]) -> int:

@@ -82,6 +82,18 @@ def test_check_config_ok(config_file, capsys):
     assert err == ""
 
 
+def test_check_config_names_the_workers(config_file, capsys):
+    config_file.write_text(config_file.read_text().replace("[proxy]", "[proxy]\nworkers = 3", 1))
+    assert cli.main(["--check-config", str(config_file)]) == 0
+    out, _err = capsys.readouterr()
+    assert out.endswith(", 3 workers\n")
+
+
+def test_worker_options_go_together(config_file, capsys):
+    assert cli.main(["--config", str(config_file), "--worker", "0"]) == 2
+    assert "--worker and --run-dir go together" in capsys.readouterr().err
+
+
 def test_check_config_bad(tmp_path, capsys):
     path = tmp_path / "proxy.toml"
     path.write_text("[pool]\nconnection_borrow_timeout = 'abc'\n")
