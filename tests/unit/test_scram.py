@@ -746,3 +746,34 @@ def test_choose_mechanism() -> None:
         choose_mechanism(["SCRAM-SHA-256-PLUS", "OAUTHBEARER"])
     with pytest.raises(AuthenticationFailed, match="offered: nothing"):
         choose_mechanism([])
+
+
+# --- primitives --------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=40))
+def test_printable_nonce_matches_rfc_5802(nonce: bytes) -> None:
+    from trioproxy._auth.scram import _is_printable_nonce
+
+    expected = bool(nonce) and all(0x21 <= c <= 0x7E and c != 0x2C for c in nonce)
+    assert _is_printable_nonce(nonce) is expected
+    assert not _is_printable_nonce(b"abc\n")  # no trailing-newline leniency
+
+
+@given(
+    st.binary(min_size=0, max_size=40).flatmap(
+        lambda a: st.tuples(st.just(a), st.binary(min_size=len(a), max_size=len(a)))
+    )
+)
+def test_xor_is_bytewise(pair: tuple[bytes, bytes]) -> None:
+    from trioproxy._auth.scram import _xor
+
+    a, b = pair
+    assert _xor(a, b) == bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def test_xor_refuses_different_lengths() -> None:
+    from trioproxy._auth.scram import _xor
+
+    with pytest.raises(ValueError, match="length"):
+        _xor(b"\0" * 32, b"\0" * 31)

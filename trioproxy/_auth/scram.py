@@ -15,10 +15,12 @@ caller and raises :class:`~trioproxy.errors.LocalProtocolError`.
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 import stringprep
 import unicodedata
@@ -78,11 +80,15 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("_xor() operands differ in length")
+    # One XOR of two big integers rather than a generator over 32 byte pairs.
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(len(a))
 
 
 def _b64encode(data: bytes) -> bytes:
-    return base64.b64encode(data)
+    # base64.b64encode() without its wrapper: what it returns, one Python call less.
+    return binascii.b2a_base64(data, newline=False)
 
 
 def _b64decode(data: bytes | str) -> bytes:
@@ -95,9 +101,18 @@ def _b64decode(data: bytes | str) -> bytes:
     return base64.b64decode(data, validate=True)
 
 
+# RFC 5802 "printable": %x21-2B / %x2D-7E, i.e. visible ASCII except ','.
+_PRINTABLE_NONCE = re.compile(rb"[\x21-\x2b\x2d-\x7e]+")
+
+
 def _is_printable_nonce(nonce: bytes) -> bool:
-    # RFC 5802 "printable": %x21-2B / %x2D-7E, i.e. visible ASCII except ','.
-    return bool(nonce) and all(0x21 <= c <= 0x7E and c != 0x2C for c in nonce)
+    return _PRINTABLE_NONCE.fullmatch(nonce) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _salt_and_iterations(salt: bytes, iterations: int) -> bytes:
+    """The ``,s=<salt>,i=<iterations>`` tail of a server-first-message (per verifier)."""
+    return b",s=" + _b64encode(salt) + b",i=" + str(iterations).encode("ascii")
 
 
 def _checked_nonce(nonce: str | None) -> bytes:
@@ -477,11 +492,10 @@ class ScramServer:
         self._gs2_header = data[: len(data) - len(bare)]
         self._client_first_bare = bare
         self._nonce = client_nonce + self._server_nonce
+        verifier = self._verifier
         self._server_first = (
-            b"r=" + self._nonce
-            + b",s=" + _b64encode(self._verifier.salt)
-            + b",i=" + str(self._verifier.iterations).encode("ascii")
-        )  # fmt: skip
+            b"r=" + self._nonce + _salt_and_iterations(verifier.salt, verifier.iterations)
+        )
         self._state = _State.SENT_FIRST
         return self._server_first
 

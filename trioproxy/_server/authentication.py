@@ -41,6 +41,7 @@ from trioproxy._protocol.startup import (
 )
 from trioproxy._server.admission import peer_host
 from trioproxy._server.session_base import SessionBase
+from trioproxy._server.transport import TransportClosed
 from trioproxy.config import ClientPasswordAuthType, IamAuth
 from trioproxy.errors import (
     AuthenticationFailed,
@@ -67,7 +68,14 @@ class ClientAuthentication(SessionBase):
         while True:
             packet = reader.next_packet()
             if packet is None:
-                reader.feed(await self._receive())
+                # Usually the packet is already here (a client sends it right after
+                # connecting): then take it without a trip through the scheduler.
+                data = self.transport.receive_now()
+                if data is None:
+                    data = await self._receive()
+                elif not data:
+                    raise TransportClosed("client closed the connection")
+                reader.feed(data)
                 continue
             request = parse_startup_packet(packet)
             if isinstance(request, SSLRequestPacket):
@@ -172,9 +180,10 @@ class ClientAuthentication(SessionBase):
         """Failed-login back-off: once this client's address has failed too often, wait
         before *any* authentication answer (so the wait reveals nothing). Only this
         client's task sleeps; client_login_timeout still bounds the whole login."""
-        delay = self.proxy.login_throttle.delay_for(
-            peer_host(self.transport.peer), trio.current_time()
-        )
+        throttle = self.proxy.login_throttle
+        if not len(throttle):
+            return  # no address has a failure on record: nobody waits (delay_for says 0)
+        delay = throttle.delay_for(peer_host(self.transport.peer), trio.current_time())
         if delay > 0:
             logger.debug(
                 "client %d: authentication answer delayed %.2f s (failed logins from %s)",

@@ -44,7 +44,6 @@ from trioproxy._protocol.messages import (
     ReadyForQuery,
     decode_frontend,
     error_bytes,
-    parameter_status_bytes,
 )
 from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_login, serve_admin
 from trioproxy._server.authentication import ClientAuthentication, _LoginFailed
@@ -79,6 +78,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trioproxy.client")
 
 _READY_IDLE = ReadyForQuery(TxStatus.IDLE).encode()
+_AUTHENTICATION_OK = AuthenticationOk().encode()
 
 
 class ClientSession(ClientAuthentication, ClientParameters):
@@ -133,10 +133,11 @@ class ClientSession(ClientAuthentication, ClientParameters):
 
     async def run(self) -> None:
         try:
-            try:
-                with trio.fail_after(self.config.proxy.client_login_timeout):
-                    await self._login()
-            except trio.TooSlowError:
+            # trio.fail_after() without its context-manager layers: the bare cancel scope.
+            deadline = trio.current_time() + self.config.proxy.client_login_timeout
+            with trio.CancelScope(deadline=deadline) as login_scope:
+                await self._login()
+            if login_scope.cancelled_caught:
                 logger.info("client %d: login timed out", self.id)
                 await self._fatal(
                     SQLState.PROTOCOL_VIOLATION, "canceling authentication due to timeout"
@@ -229,8 +230,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
         self.process_id, secret = self.proxy.register_cancel_key(self)
         self.secret_key = struct.pack("!I", secret)
         await self._send(
-            AuthenticationOk().encode()
-            + parameter_status_bytes(self._reported_parameters())
+            _AUTHENTICATION_OK
+            + self._reported_parameter_bytes()
             + BackendKeyData(self.process_id, secret).encode()
             + _READY_IDLE
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from trioproxy._protocol.messages import parameter_status_bytes
 from trioproxy._server.session_base import SessionBase
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
@@ -88,6 +89,16 @@ _SERVER_SPELLING = {
 }
 
 
+#: The encoded ParameterStatus block of a login, by (the pool's server defaults, the
+#: client's parameters in order): most clients of a pool get the very same bytes. The
+#: defaults dict is set once per pool and never changed; holding it in the value keeps
+#: its id() from being reused while the entry lives.
+_REPORTED_BYTES: dict[
+    tuple[int, tuple[tuple[str, str], ...]], tuple[Mapping[str, str] | None, bytes]
+] = {}
+_REPORTED_BYTES_MAX = 256
+
+
 def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
     for key, value in parameters.items():
         if key.lower() == name:
@@ -131,7 +142,9 @@ class ClientParameters(SessionBase):
                 k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS
             }
             return
-        conn = await self._borrow()
+        # An idle connection is taken at once (sync, as on the serving path's hot path:
+        # no cancel scope); otherwise we wait for one.
+        conn = self._try_borrow() or await self._borrow()
         try:
             self.parameters = {
                 k.lower(): v for k, v in conn.parameters.items() if k.lower() in TRACKED_PARAMETERS
@@ -161,6 +174,20 @@ class ClientParameters(SessionBase):
         for name, value in self.parameters.items():
             reported[canonical.get(name, name)] = value
         return reported
+
+    def _reported_parameter_bytes(self) -> bytes:
+        """``parameter_status_bytes(self._reported_parameters())``, remembered."""
+        assert self.pool is not None
+        defaults = self.pool.server_parameters
+        key = (id(defaults), tuple(self.parameters.items()))
+        cached = _REPORTED_BYTES.get(key)
+        if cached is not None and cached[0] is defaults:
+            return cached[1]
+        data = parameter_status_bytes(self._reported_parameters())
+        if len(_REPORTED_BYTES) >= _REPORTED_BYTES_MAX:
+            _REPORTED_BYTES.clear()
+        _REPORTED_BYTES[key] = (defaults, data)
+        return data
 
     def _parameters_in_sync(self, conn: ServerConnection) -> bool:
         """Does the server connection already have this client's session parameters?
