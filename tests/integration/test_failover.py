@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from tests.fix_pg import APP_DB, APP_PASSWORD, APP_USER, REPLICATION_HBA, create_standby
+from tests.integration.test_operations import admin, metrics_url, rows, scrape, value
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +140,7 @@ def test_read_only_endpoint_spreads_clients_over_standbys(pg_factory, proxy_fact
         },
         pool={"pool_mode": "transaction", "max_connections": 6},
         endpoints=[{"listen": f"127.0.0.1:{reader_port}", "role": "read-only"}],
+        proxy={"admin_users": [APP_USER], "metrics_listen": "127.0.0.1:0"},
     )
     roles = {a.port: a.role.value for a in proxy.thread.addresses}
     assert roles[reader_port] == "read-only"
@@ -154,6 +156,24 @@ def test_read_only_endpoint_spreads_clients_over_standbys(pg_factory, proxy_fact
         assert ports == {s.port for s in standbys}  # spread over both standbys
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             readers[0].execute("create table nope (x int)")
+        readers[0].rollback()
+        # The standbys' pool shows in the admin console and the metrics, apart from the
+        # writer's (its 4 clients hold their connections inside transactions).
+        with admin(proxy) as console:
+            pools = {row["database"]: row for row in rows(console, "SHOW POOLS")}
+            servers = rows(console, "SHOW SERVERS")
+        assert pools[f"{APP_DB} (read-only)"]["sv_active"] == 3
+        assert pools[f"{APP_DB} (read-only)"]["cl_active"] == 4
+        assert {row["port"] for row in servers if row["database"] == f"{APP_DB} (read-only)"} <= {
+            s.port for s in standbys
+        }
+        samples = scrape(metrics_url(proxy))
+        labels = {"database": APP_DB, "user": APP_USER}
+        assert (
+            value(samples, "trioproxy_database_connections_borrowed", **labels, role="read-only")
+            == 3
+        )
+        assert value(samples, "trioproxy_database_connections", **labels, role="read-write") >= 1
     finally:
         for conn in readers:
             conn.close()

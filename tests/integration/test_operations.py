@@ -83,7 +83,7 @@ def test_metrics_follow_what_clients_do(proxy_factory) -> None:
         pool={"pool_mode": "transaction", "max_connections": 2, "connection_borrow_timeout": 2},
     )
     url = metrics_url(proxy)
-    pool = {"database": "app", "user": APP_USER}
+    pool = {"database": "app", "user": APP_USER, "role": "read-write"}
     s = scrape(url)
     assert value(s, "trioproxy_client_connections_received_total") == 0
     assert total(s, "trioproxy_client_connections") == 0
@@ -363,7 +363,7 @@ def test_reload_changes_passwords_pool_size_and_timeouts(file_proxy, pg, caplog)
     old = psycopg.connect(_dsn(thread.port, "old-pw"), autocommit=True)
     try:
         assert old.execute("select current_user").fetchone() == (APP_USER,)
-        pool = {"database": "app", "user": "alice"}
+        pool = {"database": "app", "user": "alice", "role": "read-write"}
         assert value(scrape(url), "trioproxy_database_connections_max_allowed", **pool) == 2
 
         _write(path, pg, password="new-pw", size=5, idle=900)
@@ -427,7 +427,13 @@ def test_sighup_reloads_the_cli(tmp_path: Path, pg: PostgresServer) -> None:
             assert conn.execute("select 1").fetchone() == (1,)
         s = scrape(url)
         assert (
-            value(s, "trioproxy_database_connections_max_allowed", database="app", user="alice")
+            value(
+                s,
+                "trioproxy_database_connections_max_allowed",
+                database="app",
+                user="alice",
+                role="read-write",
+            )
             == 3
         )
         proc.send_signal(signal.SIGTERM)

@@ -46,7 +46,7 @@ from trioproxy._protocol.messages import (
     frame,
     parameter_status_bytes,
 )
-from trioproxy.config import BackendConfig, PoolConfig, ProxyConfig
+from trioproxy.config import BackendConfig, EndpointRole, PoolConfig, ProxyConfig
 from trioproxy.errors import SQLState, TrioproxyError
 
 if TYPE_CHECKING:
@@ -353,12 +353,12 @@ def show_pools(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
     mode = proxy.config.pool.pool_mode.value
     rows: Rows = []
     sessions = list(proxy.sessions())
-    for (database, user), pool in sorted(proxy.pools.items()):
+    for database, user, role, pool in proxy.pool_list():
         stats = pool.statistics()
-        mine = [s for s in sessions if s.database == database and s.user == user]
+        mine = [s for s in sessions if s.database == database and s.user == user and s.role is role]
         rows.append(
             (
-                database,
+                shown_database(database, role),
                 user,
                 max(0, len(mine) - stats.waiting),
                 stats.waiting,
@@ -444,7 +444,7 @@ def show_servers(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
     )
     link = {s.server.id: s.id for s in proxy.sessions() if s.server is not None}
     rows: Rows = []
-    for (database, user), pool in sorted(proxy.pools.items()):
+    for database, user, role, pool in proxy.pool_list():
         target = pool.target
         conns = [(c, "active") for c in pool.core.borrowed()] + [
             (c, "idle") for c in pool.core.idle()
@@ -454,10 +454,10 @@ def show_servers(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
                 (
                     "S",
                     user,
-                    database,
+                    shown_database(database, role),
                     state,
-                    target.host,
-                    target.port,
+                    conn.address[0] or target.host,  # with targets: the server it is on
+                    conn.address[1] or target.port,
                     _wall_clock(conn.created_at),
                     conn.id,
                     link.get(conn.id),
@@ -484,7 +484,7 @@ def show_stats(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
         "uptime_seconds",
     )
     sessions = list(proxy.sessions())
-    pools = list(proxy.pools.values())
+    pools = [pool for _database, _user, _role, pool in proxy.pool_list()]
     row: tuple[Value, ...] = (
         "*",
         sum(s.transactions for s in sessions),
@@ -560,15 +560,14 @@ def show_databases(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
         "disabled",
     )
     backend = proxy.config.backend
-    per_database: dict[str, int] = {}
-    for (database, _user), pool in proxy.pools.items():
+    per_database: dict[tuple[str, str], int] = {}  # (shown name, database) -> connections
+    for database, _user, role, pool in proxy.pool_list():
         stats = pool.statistics()
-        per_database[database] = (
-            per_database.get(database, 0) + stats.idle + stats.borrowed + stats.opening
-        )
+        key = (shown_database(database, role), database)
+        per_database[key] = per_database.get(key, 0) + stats.idle + stats.borrowed + stats.opening
     rows: Rows = [
         (
-            database,
+            name,
             backend.host,
             backend.port,
             database,
@@ -579,9 +578,14 @@ def show_databases(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
             int(proxy.is_paused(database)),
             0,
         )
-        for database, current in sorted(per_database.items())
+        for (name, database), current in sorted(per_database.items())
     ]
     return columns, rows
+
+
+def shown_database(database: str, role: EndpointRole) -> str:
+    """The database column of a pool: read-only endpoints' pools are marked."""
+    return database if role is EndpointRole.READ_WRITE else f"{database} (read-only)"
 
 
 def show_users(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
@@ -596,11 +600,12 @@ def show_users(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
 def show_lists(proxy: Proxy) -> tuple[tuple[str, ...], Rows]:
     """PgBouncer's SHOW LISTS: counts of the proxy's internal lists."""
     sessions = list(proxy.sessions())
-    stats = [pool.statistics() for pool in proxy.pools.values()]
+    pools = proxy.pool_list()
+    stats = [pool.statistics() for _database, _user, _role, pool in pools]
     rows: Rows = [
-        ("databases", len({database for database, _user in proxy.pools})),
+        ("databases", len({shown_database(d, role) for d, _user, role, _pool in pools})),
         ("users", len(proxy.config.users)),
-        ("pools", len(proxy.pools)),
+        ("pools", len(pools)),
         ("used_clients", len(sessions)),
         ("used_servers", sum(s.idle + s.borrowed for s in stats)),
         ("free_servers", sum(max(0, s.max_size - s.idle - s.borrowed) for s in stats)),

@@ -36,7 +36,7 @@ logger = logging.getLogger("trioproxy.metrics")
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST = 8192
 
-_POOL_LABELS = ("database", "user")
+_POOL_LABELS = ("database", "user", "role")
 
 
 class ProxyCollector:
@@ -198,8 +198,8 @@ class ProxyCollector:
             "How long clients waited for a server connection (successful borrows).",
             labels=list(_POOL_LABELS),
         )
-        for (database, user), pool in sorted(self.proxy.pools.items()):
-            labels = [database, user]
+        for database, user, role, pool in self.proxy.pool_list():
+            labels = [database, user, role.value]
             s = pool.statistics()
             current.add_metric(labels, s.idle + s.borrowed + s.opening)
             borrowed.add_metric(labels, s.borrowed)

@@ -220,6 +220,15 @@ class Proxy:
         pools[key] = pool
         return pool
 
+    def pool_list(self) -> list[tuple[str, str, EndpointRole, BackendPool]]:
+        """Every pool as (database, user, role, pool): the writer's, then those of
+        read-only endpoints (the admin console and the metrics show both)."""
+        out = [(d, u, EndpointRole.READ_WRITE, p) for (d, u), p in sorted(self.pools.items())]
+        out.extend(
+            (d, u, EndpointRole.READ_ONLY, p) for (d, u), p in sorted(self.read_only_pools.items())
+        )
+        return out
+
     # --- clients ----------------------------------------------------------------------
 
     def register_cancel_key(self, session: ClientSession) -> tuple[int, int]:
@@ -593,7 +602,7 @@ class Proxy:
         for session in self.sessions():
             session.config = effective
         self._apply_limits(effective)
-        for pool in list(self.pools.values()):
+        for _database, _user, _role, pool in self.pool_list():
             pool.init_query = effective.pool.init_query
             # The backend user and password come from self.credentials at each new
             # server connection (pool.backend_login); only the timeout is in the target.
