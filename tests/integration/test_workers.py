@@ -13,6 +13,7 @@ stops them all with exit status 0 and removes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -276,3 +277,23 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_workers_stop_when_the_supervisor_dies(instance: CliInstance) -> None:
+    pids = instance.worker_pids()
+    assert len(pids) == 2
+    instance.proc.send_signal(signal.SIGKILL)
+    instance.proc.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in pids):
+                break
+            time.sleep(0.1)
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+        assert not alive, f"workers outlived their supervisor: {alive}"
+        assert "the supervisor (pid" in instance.log()
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
