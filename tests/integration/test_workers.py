@@ -84,6 +84,7 @@ def _write_config(tmp_path: Path, pg: PostgresServer) -> Path:
 listen = "127.0.0.1:0"
 workers = 2
 shutdown_timeout = 10
+admin_users = ["{APP_USER}"]
 
 [backend]
 host = "{pg.host}"
@@ -297,3 +298,17 @@ def test_workers_stop_when_the_supervisor_dies(instance: CliInstance) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_admin_reload_and_shutdown_act_on_the_whole_instance(instance: CliInstance) -> None:
+    admin_dsn = instance.dsn().replace("dbname=app", "dbname=trioproxy")
+    with psycopg.connect(admin_dsn, autocommit=True, prepare_threshold=None) as console:
+        console.execute("RELOAD")
+    instance.wait_for(r"\[worker \d\]: received SIGHUP, reloading", count=2)
+    assert len(set(re.findall(r"\[worker (\d)\]: received SIGHUP", instance.log()))) == 2
+    with psycopg.connect(admin_dsn, autocommit=True, prepare_threshold=None) as console:
+        console.execute("SHUTDOWN")
+    assert instance.proc.wait(timeout=30) == 0
+    log = instance.log()
+    assert len(set(re.findall(r"\[worker (\d)\]: shutting down", log))) == 2
+    assert "stopping now" not in log  # every worker drained; none took it as a 2nd signal

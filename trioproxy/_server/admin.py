@@ -260,9 +260,12 @@ async def run_command(proxy: Proxy, statement: str, *, session_id: int = 0) -> R
         return Result("RELOAD", notices=tuple(notes))
     if verb == "SHUTDOWN" and not args:
         logger.warning("admin client %d asked for SHUTDOWN", session_id)
-        if proxy.runtime is not None:  # workers = N: the whole instance drains
+        if proxy.runtime is not None:
+            # workers = N: the supervisor's SIGTERM drains every worker, this one too (a
+            # drain begun here first would take that SIGTERM for a second one: stop now).
             os.kill(proxy.runtime.spec.supervisor_pid, signal.SIGTERM)
-        proxy.shutdown()
+        else:
+            proxy.shutdown()
         return Result("SHUTDOWN")
     if verb == "KILL_CLIENT" and len(args) == 1 and args[0].isdigit():
         return _kill(proxy, int(args[0]))
