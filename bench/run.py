@@ -966,7 +966,7 @@ def as_service_user(argv: list[str]) -> list[str]:
     """As root, exec ``argv`` as the postgres user (setpriv execs: the PID stays the child's)."""
     if os.geteuid() != 0:
         return argv
-    from trioproxy.demo import RUN_AS
+    from trioproxy.testing.postgres import RUN_AS
 
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -989,7 +989,8 @@ class Environment:
     """The throw-away cluster and the targets; ``close()`` removes everything."""
 
     def __init__(self, settings: Settings) -> None:
-        from trioproxy.demo import Cluster, chown_to_owner, find_bindir
+        from trioproxy.demo import Cluster, find_bindir
+        from trioproxy.testing.postgres import chown_to_owner
 
         self.settings = settings
         self.bindir = find_bindir()
@@ -1015,8 +1016,8 @@ class Environment:
     # -- set-up ------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from trioproxy.demo import chown_to_owner
         from trioproxy.testing.certs import make_self_signed_ca_and_server
+        from trioproxy.testing.postgres import install_server_tls
 
         if "pgbouncer" in self.settings.targets:
             self.pgbouncer = find_pgbouncer(install=True)
@@ -1030,11 +1031,7 @@ class Environment:
         self.tls_ca = tls.ca_cert
         self.trioproxy_tls = (tls.server_cert, tls.server_key)
         self.tls_ca.chmod(0o644)
-        for source, name in ((tls.server_cert, "server.crt"), (tls.server_key, "server.key")):
-            copy = cluster.datadir / name
-            shutil.copyfile(source, copy)
-            copy.chmod(0o600)
-            chown_to_owner(copy)
+        install_server_tls(cluster.datadir, tls.server_cert, tls.server_key)
         with (cluster.datadir / "postgresql.conf").open("a") as conf:
             conf.write("\n# --- trioproxy bench ---\n")
             conf.writelines(f"{name} = {value}\n" for name, value in PG_SETTINGS.items())
@@ -1075,7 +1072,7 @@ class Environment:
                     self.add_trioproxy(TRIOPROXY_W.format(n), n)
 
     def add_pgbouncer(self, name: str, pool_mode: str) -> None:
-        from trioproxy.demo import RUN_AS
+        from trioproxy.testing.postgres import RUN_AS
 
         assert self.pgbouncer is not None
         workdir = self.base / name.replace(" ", "-")
@@ -1292,10 +1289,9 @@ password_env = "{PASSWORD_ENV}"
             time.sleep(1)
 
     def postmaster_pid(self) -> int | None:
-        try:
-            return int((self.cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        from trioproxy.testing.postgres import postmaster_pid
+
+        return postmaster_pid(self.cluster.datadir)
 
     def postgres_cpu(self) -> float | None:
         """CPU seconds of the postmaster and its exited (reaped) backends."""
@@ -1447,13 +1443,13 @@ password_env = "{PASSWORD_ENV}"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    from trioproxy.demo import clean_env as demo_clean_env
+    from trioproxy.testing.postgres import clean_env as pg_clean_env
 
-    return demo_clean_env(**extra)
+    return pg_clean_env(**extra)
 
 
 def free_port_checked() -> int:
-    from trioproxy.demo import free_port
+    from trioproxy.testing.postgres import free_port
 
     return free_port()
 

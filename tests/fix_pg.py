@@ -34,6 +34,9 @@ under ``CI=true``, where they fail, so CI never silently skips the integration t
 As root (CI), initdb/pg_ctl run as the ``postgres`` system user via ``runuser`` (initdb refuses
 to run as root); the cluster lives in a fresh ``mkdtemp`` dir owned by that user, because
 pytest's own temp root is mode 0700 and root-owned.
+
+The cluster plumbing (binaries, runuser, ownership, ports, pg_ctl, stopping by PID) lives in
+:mod:`trioproxy.testing.postgres`, shared with the demo and the benchmark.
 """
 
 from __future__ import annotations
@@ -41,12 +44,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import pwd
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -56,6 +55,25 @@ from urllib.parse import quote
 
 import attrs
 import pytest
+
+from trioproxy.testing.postgres import (
+    RUN_AS,
+    SERVER_TOOLS,
+    SUPERUSER,
+    PostgresSetupError,
+    append_conf,
+    check_can_run_as_owner,
+    chown_to_owner,
+    clean_env,
+    conf_value,
+    find_bindir,
+    free_port,
+    initdb,
+    kill_postmaster,
+    pg_ctl,
+    run_tool,
+    start_on_free_port,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -77,7 +95,6 @@ __all__ = [
     "pg_factory",
 ]
 
-SUPERUSER = "postgres"
 APP_USER = "app"
 APP_PASSWORD = "app-secret"
 APP_DB = "app"
@@ -88,8 +105,15 @@ CLEAR_PASSWORD = "clear-secret"
 
 KNOWN_PASSWORDS = {APP_USER: APP_PASSWORD, MD5_USER: MD5_PASSWORD, CLEAR_USER: CLEAR_PASSWORD}
 
-SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
-RUN_AS = "postgres"  # the system user that owns clusters when we run as root
+# Kept under their old names for the tests that import them from here.
+__all__ += ["RUN_AS", "SERVER_TOOLS"]
+_clean_env = clean_env
+_free_port = free_port
+_conf_value = conf_value
+_run = run_tool
+_chown_to_owner = chown_to_owner
+_check_can_run_as_owner = check_can_run_as_owner
+_kill_postmaster = kill_postmaster
 
 DEFAULT_CONF: dict[str, object] = {
     "listen_addresses": "127.0.0.1",
@@ -113,10 +137,6 @@ DEFAULT_HBA = (
 )
 
 
-class PostgresSetupError(RuntimeError):
-    """A cluster could not be created, started or provisioned."""
-
-
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -128,40 +148,6 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment minus libpq/PG settings that could redirect our tools elsewhere."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(extra)
-    return env
-
-
-def _is_tool_dir(directory: Path) -> bool:
-    return all(os.access(directory / tool, os.X_OK) for tool in SERVER_TOOLS)
-
-
-def find_bindir() -> Path | None:
-    """Directory holding initdb, pg_ctl and postgres, or None."""
-    candidates: list[Path] = []
-    if pg_bin := os.environ.get("PG_BIN"):
-        candidates.append(Path(pg_bin))
-    for tool in SERVER_TOOLS:
-        if found := shutil.which(tool):
-            # e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin/initdb
-            candidates += [Path(found).resolve().parent, Path(found).parent]
-
-    def version(path: Path) -> tuple[int, ...]:
-        try:
-            return tuple(int(part) for part in path.parent.name.split("."))
-        except ValueError:
-            return (0,)
-
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
-    for directory in candidates:
-        if _is_tool_dir(directory):
-            return directory
-    return None
-
-
 def _find_client(name: str, bindir: Path | None) -> str:
     if bindir is not None and os.access(bindir / name, os.X_OK):
         return str(bindir / name)
@@ -170,57 +156,6 @@ def _find_client(name: str, bindir: Path | None) -> str:
     if (fallback := find_bindir()) is not None and os.access(fallback / name, os.X_OK):
         return str(fallback / name)
     raise PostgresSetupError(f"{name} not found (PG_BIN, PATH, /usr/lib/postgresql/*/bin)")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _conf_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, int | float):
-        return str(value)
-    text = str(value)
-    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _run(
-    argv: Sequence[str],
-    *,
-    as_owner: bool = False,
-    timeout: float = 120,
-    check: bool = True,
-    input: str | None = None,  # noqa: A002 - mirrors subprocess.run
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run a tool; as root with ``as_owner``, run it as the cluster owner via runuser."""
-    cmd = list(argv)
-    if as_owner and os.geteuid() == 0:
-        cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-            cwd=cwd,
-            env=dict(env) if env is not None else _clean_env(),
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise PostgresSetupError(f"timed out after {timeout}s: {' '.join(cmd)}") from exc
-    if check and proc.returncode != 0:
-        raise PostgresSetupError(
-            f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
 
 
 @attrs.frozen
@@ -299,14 +234,7 @@ class PostgresServer:
     def _pg_ctl(self, *args: str, timeout: float = 90, check: bool = True) -> str:
         if self.bindir is None or self.datadir is None:
             raise PostgresSetupError("not a managed cluster (TRIOPROXY_TEST_DSN server)")
-        proc = _run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args],
-            as_owner=True,
-            timeout=timeout,
-            check=check,
-            cwd=self.datadir.parent,
-        )
-        return proc.stdout + proc.stderr
+        return pg_ctl(self.bindir, self.datadir, *args, timeout=timeout, check=check)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``mode``: smart, fast or immediate)."""
@@ -392,25 +320,6 @@ _live: dict[Path, PostgresServer] = {}  # base dir -> server, for teardown / ate
 _live_lock = threading.Lock()
 
 
-def _chown_to_owner(path: Path) -> None:
-    if os.geteuid() == 0:
-        shutil.chown(path, user=RUN_AS, group=None)
-
-
-def _check_can_run_as_owner() -> None:
-    if os.geteuid() != 0:
-        return
-    try:
-        pwd.getpwnam(RUN_AS)
-    except KeyError:
-        raise PostgresSetupError(
-            f"running as root but there is no {RUN_AS!r} system user to run initdb as "
-            "(install PostgreSQL from Debian packages, or run the tests as a normal user)"
-        ) from None
-    if shutil.which("runuser") is None:
-        raise PostgresSetupError("running as root but runuser (util-linux) is missing")
-
-
 def _destroy(base: Path, server: PostgresServer | None) -> None:
     """Stop the cluster (immediate) however we can, then delete its directory."""
     if server is not None and server.datadir is not None:
@@ -423,23 +332,60 @@ def _destroy(base: Path, server: PostgresServer | None) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _kill_postmaster(datadir: Path) -> None:
+def _new_base() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="trioproxy-pg-", dir=os.environ.get("TRIOPROXY_PG_TMPDIR")))
     try:
-        pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    for sig, wait in ((signal.SIGQUIT, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        chown_to_owner(base)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    return base
+
+
+def _start_managed(
+    base: Path,
+    bindir: Path,
+    superuser: str,
+    password: str,
+    *,
+    with_log: bool = False,
+) -> PostgresServer:
+    """Start the cluster in ``base/data`` on a free port (retried if taken), registered for
+    teardown. On failure it is destroyed; ``with_log`` puts the server log in the error."""
+    datadir = base / "data"
+    server: PostgresServer | None = None
+
+    def start(port: int) -> None:
+        nonlocal server
+        server = PostgresServer(
+            host="127.0.0.1",
+            port=port,
+            superuser=superuser,
+            superuser_password=password,
+            bindir=bindir,
+            datadir=datadir,
+            socket_dir=base,
+            logfile=base / "postgres.log",
+        )
+        with _live_lock:
+            _live[base] = server
+        server.start()
+
+    def log() -> str:
+        return server.log() if server is not None else ""
+
+    try:
+        start_on_free_port(datadir, start, log)
+    except BaseException as exc:
+        text = log() if with_log and isinstance(exc, PostgresSetupError) else None
+        with _live_lock:
+            _live.pop(base, None)
+        _destroy(base, server)
+        if text is not None:
+            raise PostgresSetupError(f"PostgreSQL failed to start; log:\n{text}") from None
+        raise
+    assert server is not None
+    return server
 
 
 def create_cluster(
@@ -448,96 +394,46 @@ def create_cluster(
     hba_lines: Sequence[str] = (),
 ) -> PostgresServer:
     """initdb + start + provision a throw-away cluster; registered for teardown."""
-    _check_can_run_as_owner()
-    base = Path(tempfile.mkdtemp(prefix="trioproxy-pg-", dir=os.environ.get("TRIOPROXY_PG_TMPDIR")))
-    server: PostgresServer | None = None
+    check_can_run_as_owner()
+    base = _new_base()
+    datadir = base / "data"
+    password = secrets.token_urlsafe(18)
     try:
-        _chown_to_owner(base)
-        datadir = base / "data"
-        logfile = base / "postgres.log"
-        password = secrets.token_urlsafe(18)
-        pwfile = base / "pwfile"
-        pwfile.write_text(password + "\n")
-        _chown_to_owner(pwfile)
-        _run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(datadir),
-                "-U",
-                SUPERUSER,
-                "--auth=scram-sha-256",
-                f"--pwfile={pwfile}",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
-            as_owner=True,
-            cwd=base,
-        )
-        pwfile.unlink()
-
+        initdb(bindir, datadir, password=password, cwd=base)
         settings = dict(DEFAULT_CONF)
         settings["unix_socket_directories"] = str(base)
         settings.update(conf or {})
-        with (datadir / "postgresql.conf").open("a") as f:
-            f.write("\n# --- trioproxy test fixture ---\n")
-            f.writelines(f"{name} = {_conf_value(value)}\n" for name, value in settings.items())
+        append_conf(datadir, settings, "trioproxy test fixture")
         (datadir / "pg_hba.conf").write_text("\n".join([*hba_lines, *DEFAULT_HBA]) + "\n")
-
-        for attempt in range(5):  # the free port may be taken between probe and bind
-            port = _free_port()
-            with (datadir / "postgresql.conf").open("a") as f:
-                f.write(f"port = {port}\n")
-            server = PostgresServer(
-                host="127.0.0.1",
-                port=port,
-                superuser=SUPERUSER,
-                superuser_password=password,
-                bindir=bindir,
-                datadir=datadir,
-                socket_dir=base,
-                logfile=logfile,
-            )
-            with _live_lock:
-                _live[base] = server
-            try:
-                server.start()
-                break
-            except PostgresSetupError:
-                log = server.log()
-                if attempt < 4 and ("could not bind" in log or "already in use" in log):
-                    _kill_postmaster(datadir)
-                    continue
-                raise PostgresSetupError(f"PostgreSQL failed to start; log:\n{log}") from None
-        assert server is not None
-        provision(server)
-        return server
     except BaseException:
-        with _live_lock:
-            _live.pop(base, None)
-        _destroy(base, server)
+        _destroy(base, None)
         raise
+
+    server = _start_managed(base, bindir, SUPERUSER, password, with_log=True)
+    try:
+        provision(server)
+    except BaseException:
+        destroy_cluster(server)
+        raise
+    return server
 
 
 def create_standby(primary: PostgresServer) -> PostgresServer:
     """A streaming standby of ``primary`` (pg_basebackup -R), started on its own port and
     registered for teardown. The primary's pg_hba.conf must allow replication from
     127.0.0.1 (``pg_factory(hba_lines=[REPLICATION_HBA])``)."""
-    assert primary.bindir is not None
-    base = Path(tempfile.mkdtemp(prefix="trioproxy-pg-", dir=os.environ.get("TRIOPROXY_PG_TMPDIR")))
-    server: PostgresServer | None = None
+    bindir = primary.bindir
+    assert bindir is not None
+    base = _new_base()
+    datadir = base / "data"
     try:
-        _chown_to_owner(base)
-        datadir = base / "data"
         conninfo = (
             f"host=127.0.0.1 port={primary.port} user={primary.superuser} "
             f"password={primary.superuser_password}"
         )
-        _run(
+        run_tool(
             [
-                str(primary.bindir / "pg_basebackup"),
+                str(bindir / "pg_basebackup"),
                 "-d",
                 conninfo,
                 "-D",
@@ -551,39 +447,12 @@ def create_standby(primary: PostgresServer) -> PostgresServer:
             as_owner=True,
             cwd=base,
         )
-        with (datadir / "postgresql.conf").open("a") as f:
-            f.write(f"\nunix_socket_directories = '{base}'\n")
-        for attempt in range(5):
-            port = _free_port()
-            with (datadir / "postgresql.conf").open("a") as f:
-                f.write(f"port = {port}\n")
-            server = PostgresServer(
-                host="127.0.0.1",
-                port=port,
-                superuser=primary.superuser,
-                superuser_password=primary.superuser_password,
-                bindir=primary.bindir,
-                datadir=datadir,
-                socket_dir=base,
-                logfile=base / "postgres.log",
-            )
-            with _live_lock:
-                _live[base] = server
-            try:
-                server.start()
-                break
-            except PostgresSetupError:
-                if attempt < 4 and "could not bind" in server.log():
-                    _kill_postmaster(datadir)
-                    continue
-                raise
-        assert server is not None
-        return server
+        append_conf(datadir, {"unix_socket_directories": str(base)})
     except BaseException:
-        with _live_lock:
-            _live.pop(base, None)
-        _destroy(base, server)
+        _destroy(base, None)
         raise
+
+    return _start_managed(base, bindir, primary.superuser, primary.superuser_password)
 
 
 #: pg_hba.conf line a primary needs for create_standby.

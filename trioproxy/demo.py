@@ -77,6 +77,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from trioproxy.testing.certs import TLSFiles, make_self_signed_ca_and_server
+from trioproxy.testing.postgres import (
+    RUN_AS,
+    SUPERUSER,
+    PostgresSetupError,
+    append_conf,
+    chown_to_owner,
+    clean_env,
+    free_port,
+    initdb,
+    install_server_tls,
+    kill_postmaster,
+    pg_ctl,
+    postmaster_pid,
+    run_tool,
+    start_on_free_port,
+)
+from trioproxy.testing.postgres import find_bindir as find_server_bindir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -86,9 +103,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
-RUN_AS = "postgres"  # the system user that owns the cluster when we run as root
-SUPERUSER = "postgres"
 APP = "shop"  # role and database
 PASSWORD_ENV = "SHOP_PASSWORD"  # noqa: S105 - the variable's name, not a password
 MAX_CONNECTIONS = 100  # PostgreSQL's max_connections, as in the story's undersized instance
@@ -105,15 +119,15 @@ SAMPLE_INTERVAL = 0.02  # seconds between pg_stat_activity samples
 TOO_MANY = "too many clients already"
 FULL = "53300"  # SQLSTATE too_many_connections: "too many clients", "slots are reserved", ...
 
-POSTGRESQL_CONF = {
-    "listen_addresses": "'127.0.0.1'",
-    "max_connections": "100",
-    "password_encryption": "'scram-sha-256'",
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
+POSTGRESQL_CONF: dict[str, object] = {
+    "listen_addresses": "127.0.0.1",
+    "max_connections": MAX_CONNECTIONS,
+    "password_encryption": "scram-sha-256",
+    "fsync": False,
+    "synchronous_commit": False,
+    "full_page_writes": False,
     "shared_buffers": "32MB",
-    "logging_collector": "off",
+    "logging_collector": False,
 }
 PG_HBA = """\
 local  all  all                scram-sha-256
@@ -188,53 +202,14 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 # Processes
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment minus libpq settings (PGHOST, ...) that could redirect the tools."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(extra)
-    return env
-
-
-def as_owner(argv: Sequence[str]) -> list[str]:
-    """As root, run ``argv`` as the cluster owner (initdb and postgres refuse to run as root)."""
-    if os.geteuid() != 0:
-        return list(argv)
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        raise DemoError("running as root, but runuser (util-linux) is missing")
-    return [runuser, "-u", RUN_AS, "--", *argv]
-
-
 def run(
     argv: Sequence[str], *, cwd: Path, timeout: float = 60, new_session: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run a trusted local tool (argv built by us, absolute path) and fail loudly."""
     try:
-        proc = subprocess.run(  # noqa: S603 - argv built here from absolute tool paths
-            list(argv),
-            cwd=cwd,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            # pg_ctl start leaves the postmaster in our session unless we give it its own:
-            # then Ctrl-C reaches only the demo, which shuts everything down in order.
-            start_new_session=new_session,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise DemoError(f"timed out after {timeout:g} s: {' '.join(argv)}") from exc
-    if proc.returncode != 0:
-        output = (proc.stdout + proc.stderr).strip()
-        raise DemoError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{indent(output)}")
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        return run_tool(argv, cwd=cwd, timeout=timeout, new_session=new_session)
+    except PostgresSetupError as exc:
+        raise DemoError(str(exc)) from exc
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -250,23 +225,8 @@ def tail(path: Path, lines: int = 25) -> str:
 
 def find_bindir() -> Path:
     """The directory holding initdb, pg_ctl and postgres (newest version first)."""
-    candidates: list[Path] = []
-    if pg_bin := os.environ.get("PG_BIN"):
-        candidates.append(Path(pg_bin))
-    for tool in SERVER_TOOLS:
-        if found := shutil.which(tool):
-            candidates += [Path(found).resolve().parent, Path(found).parent]
-
-    def version(path: Path) -> tuple[int, ...]:
-        try:
-            return tuple(int(part) for part in path.parent.name.split("."))
-        except ValueError:
-            return (0,)
-
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
-    for directory in candidates:
-        if all(os.access(directory / tool, os.X_OK) for tool in SERVER_TOOLS):
-            return directory
+    if (bindir := find_server_bindir()) is not None:
+        return bindir
     raise DemoError(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in $PG_BIN, PATH or "
         "/usr/lib/postgresql/*/bin; run `make postgres` (or install them and set PG_BIN)"
@@ -286,55 +246,39 @@ class Cluster:
         self.started = False
 
     def pg_ctl(self, *args: str, new_session: bool = False) -> None:
-        argv = as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args])
-        run(argv, cwd=self.base, new_session=new_session)
+        try:
+            pg_ctl(self.bindir, self.datadir, *args, timeout=60, new_session=new_session)
+        except PostgresSetupError as exc:
+            raise DemoError(str(exc)) from exc
 
     def create(self) -> None:
-        pwfile = self.base / "pwfile"
-        pwfile.write_text(self.superuser_password + "\n")
-        chown_to_owner(pwfile)
         try:
-            run(
-                as_owner(
-                    [
-                        str(self.bindir / "initdb"),
-                        "-D",
-                        str(self.datadir),
-                        "-U",
-                        SUPERUSER,
-                        "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ]
-                ),
-                cwd=self.base,
-                timeout=120,
-            )
-        finally:
-            pwfile.unlink(missing_ok=True)
-        settings = {**POSTGRESQL_CONF, "unix_socket_directories": f"'{self.base}'"}
-        with (self.datadir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# --- trioproxy demo ---\n")
-            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+            initdb(self.bindir, self.datadir, password=self.superuser_password, cwd=self.base)
+        except PostgresSetupError as exc:
+            raise DemoError(str(exc)) from exc
+        settings = {**POSTGRESQL_CONF, "unix_socket_directories": str(self.base)}
+        append_conf(self.datadir, settings, "trioproxy demo")
         (self.datadir / "pg_hba.conf").write_text(PG_HBA)
 
+    def _start_on(self, port: int) -> None:
+        self.port = port
+        # pg_ctl start leaves the postmaster in our session unless we give it its own:
+        # then Ctrl-C reaches only the demo, which shuts everything down in order.
+        pg_ctl(
+            self.bindir,
+            self.datadir,
+            *("-w", "-t", "60", "-l", str(self.logfile), "start"),
+            timeout=60,
+            new_session=True,
+        )
+
     def start(self) -> None:
-        for attempt in range(5):  # the probed port may be taken before postgres binds it
-            self.port = free_port()
-            with (self.datadir / "postgresql.conf").open("a") as conf:
-                conf.write(f"port = {self.port}\n")
-            try:
-                self.pg_ctl("-w", "-t", "60", "-l", str(self.logfile), "start", new_session=True)
-            except DemoError:
-                log = tail(self.logfile)
-                if attempt < 4 and ("could not bind" in log or "already in use" in log):
-                    continue
-                raise DemoError(f"PostgreSQL did not start; its log:\n{indent(log)}") from None
-            self.started = True
-            return
+        try:
+            start_on_free_port(self.datadir, self._start_on, lambda: tail(self.logfile))
+        except PostgresSetupError:
+            log = tail(self.logfile)
+            raise DemoError(f"PostgreSQL did not start; its log:\n{indent(log)}") from None
+        self.started = True
 
     def stop(self) -> None:
         if not self.started:
@@ -357,31 +301,6 @@ class Cluster:
             autocommit=True,
             connect_timeout=10,
         )
-
-
-def chown_to_owner(path: Path) -> None:
-    if os.geteuid() == 0:
-        shutil.chown(path, user=RUN_AS)
-
-
-def kill_postmaster(datadir: Path) -> None:
-    """Last resort when pg_ctl cannot stop the server: SIGQUIT, then SIGKILL."""
-    try:
-        pid = int((datadir / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    for sig, wait in ((signal.SIGQUIT, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,16 +813,8 @@ class Demo:
         cluster.create()
         # TLS for direct clients too, with a copy of the demo certificate that the server
         # owns (PostgreSQL insists on owning its key).
-        for source, name in (
-            (self.tls.server_cert, "server.crt"),
-            (self.tls.server_key, "server.key"),
-        ):
-            target = cluster.datadir / name
-            shutil.copyfile(source, target)
-            target.chmod(0o600)
-            chown_to_owner(target)
-        with (cluster.datadir / "postgresql.conf").open("a") as conf:
-            conf.write("ssl = on\n")
+        install_server_tls(cluster.datadir, self.tls.server_cert, self.tls.server_key)
+        append_conf(cluster.datadir, {"ssl": True})
         cluster.start()
         owner = f", run as system user {RUN_AS!r}" if os.geteuid() == 0 else ""
         field("temp dir", self.base)
@@ -1065,9 +976,8 @@ class Demo:
 
     def postgres_cpu(self) -> float | None:
         """CPU seconds of the postmaster and its backends, the live and the exited ones."""
-        try:
-            pid = int((self.cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
+        pid = postmaster_pid(self.cluster.datadir)
+        if pid is None:
             return None
         total = process_cpu(pid, children=True)
         if total is None:
