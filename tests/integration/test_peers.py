@@ -9,6 +9,7 @@ connection (from 127.0.0.1) is not mistaken for one forwarded by a peer.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -22,6 +23,8 @@ from trioproxy._server.proxy import open_proxy
 from trioproxy.errors import BackendError
 
 if TYPE_CHECKING:
+    import pytest
+
     from tests.fix_proxy import TLSFiles
 
 
@@ -34,11 +37,11 @@ def _config(pg: PostgresServer, tls: TLSFiles, me: int, host: str, port: int, pe
     )
 
 
-async def _send_cancel(host: str, port: int, process_id: int, secret: int) -> None:
+async def _send_cancel(host: str, port: int, packet: bytes) -> None:
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
-            await stream.send_all(CancelRequest(process_id, secret).encode())
+            await stream.send_all(packet)
             while await stream.receive_some(1024):  # the proxy closes when done
                 pass
 
@@ -63,9 +66,11 @@ async def _cancelled_by_peer(
         try:
             assert client.key is not None
             assert peer_of(client.key.process_id) == 1
-            secret = client.key.secret_key
+            packet = CancelRequest(client.key.process_id, client.key.secret_key).encode()
             if cancel_key == "wrong":
-                secret ^= 1
+                packet = packet[:-1] + bytes([packet[-1] ^ 1])
+            elif cancel_key == "long":  # protocol 3.2 keys may be longer; ours never are
+                packet = struct.pack("!i", 20) + packet[4:] + b"\0\0\0\0"
             error: str | None = None
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
@@ -79,7 +84,7 @@ async def _cancelled_by_peer(
 
                 nursery.start_soon(sleep)
                 await trio.sleep(0.3)
-                await _send_cancel("127.0.0.1", port_b, client.key.process_id, secret)
+                await _send_cancel("127.0.0.1", port_b, packet)
             elapsed = trio.current_time() - started
             assert proxy_a.stats.failed_logins == 0
         finally:
@@ -102,3 +107,12 @@ async def test_a_wrong_secret_forwarded_by_a_peer_cancels_nothing(
     error, elapsed = await _cancelled_by_peer(pg, tls_files, cancel_key="wrong")
     assert error is None  # the query ran its full 5 s
     assert elapsed >= 4.5
+
+
+async def test_a_key_longer_than_ours_cancels_nothing_and_breaks_nothing(
+    pg: PostgresServer, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    error, elapsed = await _cancelled_by_peer(pg, tls_files, cancel_key="long")
+    assert error is None
+    assert elapsed >= 4.5
+    assert "internal error" not in caplog.text

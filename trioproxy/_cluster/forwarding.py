@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trioproxy._protocol.messages import CancelRequest
-from trioproxy._server.transport import Transport, TransportClosed, open_tcp
-from trioproxy.errors import TrioproxyError
+from trioproxy._protocol.codes import CANCEL_REQUEST_CODE
+from trioproxy._protocol.startup import CancelRequestPacket, parse_startup_packet
+from trioproxy._server.backend import deliver_cancel
+from trioproxy.errors import ProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trioproxy.cluster")
 
-_PACKET = struct.Struct("!iiiI")
-_CANCEL_CODE = 80877102
+#: Forwarded requests carry this worker's own keys: 4-byte secrets (16 bytes in all).
+_FORWARDED_SIZE = 16
 #: A forwarding hop must not hold the client's connection for long.
 FORWARD_TIMEOUT = 5.0
 
@@ -44,8 +45,10 @@ def cancel_socket_path(directory: Path, worker: int) -> Path:
 
 
 def _packet(process_id: int, secret_key: bytes) -> bytes:
-    (secret,) = struct.unpack("!I", secret_key)
-    return CancelRequest(process_id, secret).encode()
+    """The CancelRequest, byte for byte as the client sent it."""
+    return struct.pack("!iii", 8 + 4 + len(secret_key), CANCEL_REQUEST_CODE, process_id) + (
+        secret_key
+    )
 
 
 async def forward_to_worker(
@@ -71,19 +74,13 @@ async def forward_to_worker(
 
 async def forward_to_peer(peer: PeerConfig, process_id: int, secret_key: bytes) -> None:
     """Hand a CancelRequest to the instance that issued its key (no answer comes back)."""
-    transport: Transport | None = None
-    with trio.move_on_after(FORWARD_TIMEOUT):
-        try:
-            transport = await open_tcp(peer.host, peer.port)
-            await transport.send_all(_packet(process_id, secret_key))
-            await transport.receive_some(1)  # the peer closes when done
-        except (TrioproxyError, TransportClosed) as exc:
-            logger.warning(
-                "cancel: peer %d (%s:%d) unreachable: %s", peer.peer_id, peer.host, peer.port, exc
-            )
-        finally:
-            if transport is not None:
-                transport.close()
+    failure = await deliver_cancel(
+        peer.host, peer.port, _packet(process_id, secret_key), FORWARD_TIMEOUT
+    )
+    if failure is not None:
+        logger.warning(
+            "cancel: peer %d (%s:%d) unreachable: %s", peer.peer_id, peer.host, peer.port, failure
+        )
 
 
 async def serve_cancel_socket(
@@ -112,15 +109,18 @@ async def serve_cancel_socket(
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
             ):
                 data = b""
-                while len(data) < _PACKET.size:
-                    chunk = await stream.receive_some(_PACKET.size - len(data))
+                while len(data) < _FORWARDED_SIZE:
+                    chunk = await stream.receive_some(_FORWARDED_SIZE - len(data))
                     if not chunk:
                         return
                     data += chunk
-                length, code, process_id, _secret = _PACKET.unpack(data)
-                if length != _PACKET.size or code != _CANCEL_CODE:
+                try:
+                    request = parse_startup_packet(data[4:])
+                except ProtocolError:
                     return
-                right = await check(process_id, data[12:16])
+                if not isinstance(request, CancelRequestPacket):
+                    return
+                right = await check(request.process_id, request.secret_key)
                 await stream.send_all(b"1" if right else b"0")
 
     try:

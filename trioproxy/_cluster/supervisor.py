@@ -56,8 +56,6 @@ class Supervisor:
         self.stopping = False
         self._stop_requested = trio.Event()
         self.processes: dict[int, trio.Process] = {}
-        self.restarts = 0
-        self.directory: Path | None = None
 
     def worker_command(self, worker: int, directory: Path) -> list[str]:
         assert self.config.source is not None
@@ -75,7 +73,6 @@ class Supervisor:
 
     async def run(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="trioproxy-"))
-        self.directory = directory
         reserved = open_listeners(self.config, listen=False)
         ledger = SharedLedger(directory / LEDGER_FILE, None, create=True)
         try:
@@ -122,7 +119,6 @@ class Supervisor:
                 return
             if trio.current_time() - started >= HEALTHY_RUN:
                 delay = RESTART_DELAY_FIRST
-            self.restarts += 1
             logger.error(
                 "supervisor: worker %d (pid %d) died (exit status %s; it held %d server "
                 "connections); restarting in %g s",

@@ -347,13 +347,10 @@ class BackendPool:
             return 0
         stats = self.core.statistics()
         slots = stats.idle + stats.borrowed + stats.opening + stats.pending
-        grow = min(room, stats.waiting, self.budget.cap - slots)
-        if stats.waiting == 0 or slots + grow >= self.budget.cap:
-            self._clamped = False
-            grow = max(0, min(grow, self.budget.cap - slots))
-            new_max = self.budget.cap
-        else:
-            new_max = slots + grow
+        grow = max(0, min(room, stats.waiting, self.budget.cap - slots))
+        # Back to the full limit once that is what the room allows (or nobody waits).
+        self._clamped = slots + grow < self.budget.cap and stats.waiting > 0
+        new_max = slots + grow if self._clamped else self.budget.cap
         self._apply(self.core.resize(max_size=new_max, max_idle=stats.max_idle))
         return grow
 

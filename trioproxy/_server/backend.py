@@ -271,3 +271,23 @@ async def connect_server(
         target.database,
     )
     return connection
+
+
+async def deliver_cancel(host: str, port: int, packet: bytes, timeout: float) -> str | None:  # noqa: ASYNC109 - each caller has its own bound
+    """Send a CancelRequest ``packet`` to a PostgreSQL-protocol server (PostgreSQL, or
+    another trioproxy) and wait until it closes (it never answers). Returns why it could
+    not be delivered, or None."""
+    transport: Transport | None = None
+    with trio.move_on_after(timeout):
+        try:
+            transport = await open_tcp(host, port)
+            await transport.send_all(packet)
+            await transport.receive_some(1)  # the server closes when done
+        except BackendError as exc:
+            return exc.message
+        except TransportClosed:
+            pass
+        finally:
+            if transport is not None:
+                transport.close()
+    return None

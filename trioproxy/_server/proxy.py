@@ -35,19 +35,19 @@ from trioproxy._cluster.forwarding import (
     forward_to_worker,
     serve_cancel_socket,
 )
-from trioproxy._cluster.keys import KeyLayout, Owner
+from trioproxy._cluster.keys import KeyLayout, Owner, Route
 from trioproxy._pool.budget import PoolLimits, ServerBudget, derive_max_size
 from trioproxy._pool.latency import LatencyHistogram
 from trioproxy._pool.pool import BackendPool
 from trioproxy._pool.targets import TargetSet
 from trioproxy._protocol.messages import CancelRequest
 from trioproxy._server.admission import ClientFilter, LoginThrottle, peer_host
-from trioproxy._server.backend import BackendTarget
+from trioproxy._server.backend import BackendTarget, deliver_cancel
 from trioproxy._server.client import ClientSession
 from trioproxy._server.metrics import serve_metrics
 from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
-from trioproxy._server.transport import Transport, TransportClosed, open_tcp
+from trioproxy._server.transport import Transport
 from trioproxy.config import (
     BackendTLS,
     Config,
@@ -257,6 +257,10 @@ class Proxy:
         """Act on a CancelRequest from ``sender`` (an address), wherever its key was
         issued. Returns False when the key is known to be wrong (a failed login)."""
         route = self.key_layout.route(process_id)
+        if len(secret_key) != 4:
+            # Protocol 3.2 allows longer keys; ours are 4 bytes, so it is a wrong key,
+            # checked here (never forwarded: a worker's channel carries 4-byte keys).
+            route = Route(Owner.HERE)
         if sender in self.peer_addresses:
             # Forwarded by a peer: a wrong key is the guesser's, not the peer's (the
             # back-off must not block every cancel that peer forwards).
@@ -297,22 +301,14 @@ class Proxy:
         server = session.server
         if server is None or server.key is None:
             return True  # nothing running: nothing to cancel
-        backend = self.config.backend
-        with trio.move_on_after(backend.connect_timeout):
-            try:
-                transport = await open_tcp(*server.address)
-            except TrioproxyError as exc:
-                logger.warning("cancel for client %d failed: %s", session.id, exc.message)
-                return True
-            try:
-                await transport.send_all(
-                    CancelRequest(server.key.process_id, server.key.secret_key).encode()
-                )
-                await transport.receive_some(1)  # the server closes when done
-            except TransportClosed:
-                pass
-            finally:
-                transport.close()
+        failure = await deliver_cancel(
+            *server.address,
+            CancelRequest(server.key.process_id, server.key.secret_key).encode(),
+            self.config.backend.connect_timeout,
+        )
+        if failure is not None:
+            logger.warning("cancel for client %d failed: %s", session.id, failure)
+            return True
         logger.info("client %d: query cancelled on server connection %d", session.id, server.id)
         return True
 
