@@ -126,6 +126,9 @@ class ProxyConfig:
     log_format: LogFormat = LogFormat.TEXT
     shutdown_timeout: float = 30.0
     notify_on_pin: bool = False
+    #: Serve the common transactions in one batched task (trioproxy/_server/dataplane.py);
+    #: off: each client's own task moves its bytes (a fallback, and the A/B reference).
+    data_plane: bool = True
     #: Clients must come from one of these networks; None = from anywhere.
     allowed_client_cidrs: tuple[IPNetwork, ...] | None = None
     #: Seconds between re-reads of secret_file / secret_arn secrets; 0 = never.
@@ -585,6 +588,7 @@ _PROXY_KEYS: Final[Mapping[str, _Check]] = {
     "log_format": _enum(LogFormat),
     "shutdown_timeout": _number(0),
     "notify_on_pin": _boolean,
+    "data_plane": _boolean,
     "allowed_client_cidrs": _cidrs,
     "secret_refresh_interval": _number(0),
     "aws_endpoint_url": _url,

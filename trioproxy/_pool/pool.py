@@ -48,8 +48,22 @@ class _InstanceFull(Exception):
 
 
 @attrs.define(eq=False)
-class _Waiter:
-    event: trio.Event = attrs.field(factory=trio.Event)
+class Waiter:
+    #: Set when the core assigns this waiter something: a trio.Event a task waits on,
+    #: or (the data plane) a callback.
+    event: trio.Event | Callback = attrs.field(factory=trio.Event)
+
+
+class Callback:
+    """A waiter's wake-up that calls a function instead of waking a task."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function = function
+
+    def set(self) -> None:
+        self._function()
 
 
 class BackendPool:
@@ -80,7 +94,7 @@ class BackendPool:
         self.targets = targets
         #: read-only pools connect to standbys only, spread over them in turn.
         self.role = role
-        self.core: PoolCore[ServerConnection, _Waiter] = PoolCore(
+        self.core: PoolCore[ServerConnection, Waiter] = PoolCore(
             max_size=self.budget.cap,
             max_idle=self.budget.max_idle,
             server_lifetime=limits.server_lifetime,
@@ -163,13 +177,50 @@ class BackendPool:
             self._apply(self.core.forget(conn))
         return None
 
+    # --- queueing without a task (the data plane) ----------------------------------------
+
+    def join_queue(self, on_assigned: Callable[[], None]) -> Waiter | None:
+        """Queue for a connection like a borrowing task, but be told by a callback (sync,
+        called from whichever task frees the connection: it must only take note).
+        None when nothing was queued: the pool would open a connection for the caller,
+        which must then borrow the usual way."""
+        waiter = Waiter(event=Callback(on_assigned))
+        result = self.core.request(waiter)
+        if isinstance(result, Wait):
+            return waiter
+        if isinstance(result, Grant):  # not after a failed try_borrow(); kept exact anyway
+            self._apply(self.core.checkin(result.conn, trio.current_time(), reusable=True))
+        else:
+            self._apply(self.core.open_failed())
+        return None
+
+    def collect(self, waiter: Waiter) -> ServerConnection | None:
+        """What a queued waiter was assigned, once its callback ran: a live connection, or
+        None (an Open slot or a connection that died meanwhile: handed on, and the caller
+        borrows the usual way)."""
+        result = self.core.take(waiter)
+        if isinstance(result, Grant):
+            conn = result.conn
+            if conn.alive and not conn.transport.peer_gone():
+                return conn
+            conn.close()
+            self._apply(self.core.forget(conn))
+        elif isinstance(result, Open):
+            self._apply(self.core.open_failed())
+        return None
+
+    def leave_queue(self, waiter: Waiter) -> None:
+        """A queued waiter gives up (idempotent; an assignment it did not collect goes on
+        to the next in line)."""
+        self._apply(self.core.cancel(waiter))
+
     async def _borrow(
         self, deadline: float, expose: Callable[[trio.CancelScope | None], None] | None
     ) -> ServerConnection | None:
         backoff = 0.05
         last_error: BackendError | None = None
         while True:
-            waiter = _Waiter()
+            waiter = Waiter()
             try:
                 with trio.move_on_at(deadline) as scope:
                     if expose is not None:
@@ -179,7 +230,9 @@ class BackendPool:
                     while isinstance(result, Wait) or result is None:
                         if waited:  # woken without an assignment (rare): wait again
                             waiter.event = trio.Event()
-                        await waiter.event.wait()
+                        event = waiter.event
+                        assert isinstance(event, trio.Event)  # (a task's waiter)
+                        await event.wait()
                         waited = True
                         result = self.core.take(waiter)
                     if isinstance(result, Grant):
@@ -438,7 +491,7 @@ class BackendPool:
 
     # --- effects & maintenance --------------------------------------------------------
 
-    def _apply(self, effects: Effects[ServerConnection, _Waiter]) -> None:
+    def _apply(self, effects: Effects[ServerConnection, Waiter]) -> None:
         for assignment in effects.assigned:
             assignment.waiter.event.set()
         for conn in effects.close:

@@ -47,6 +47,7 @@ from trioproxy._protocol.messages import (
 )
 from trioproxy._server.admin import ADMIN_DATABASE, SHUTDOWN_MESSAGE, admin_login, serve_admin
 from trioproxy._server.authentication import ClientAuthentication, _LoginFailed
+from trioproxy._server.dataplane import Handback
 from trioproxy._server.parameters import ClientParameters
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
@@ -79,6 +80,8 @@ logger = logging.getLogger("trioproxy.client")
 
 _READY_IDLE = ReadyForQuery(TxStatus.IDLE).encode()
 _AUTHENTICATION_OK = AuthenticationOk().encode()
+#: A client whose last message is one of these now waits for the answers.
+_AWAITS_ANSWERS = frozenset({Frontend.QUERY, Frontend.SYNC})
 
 
 class ClientSession(ClientAuthentication, ClientParameters):
@@ -128,6 +131,11 @@ class ClientSession(ClientAuthentication, ClientParameters):
         self._pool_mode_cache: tuple[Config, Config, str, PoolMode] | None = None
         self.connected_at = trio.current_time()
         self.transactions = 0
+        #: When the client last sent something while parked (idle_client_timeout).
+        self.last_active = self.connected_at
+        #: A request the data plane had queued for a server connection when the parked
+        #: wait was cancelled (with ``Handback.queued_at``).
+        self.queued_request: Handback | None = None
 
     # --- entry point ------------------------------------------------------------------
 
@@ -315,14 +323,16 @@ class ClientSession(ClientAuthentication, ClientParameters):
         )
         return b""  # closed: the session ends as if the client had left
 
-    async def _wait_for_server(self) -> ServerConnection | None:
+    async def _wait_for_server(self, queued_at: float | None = None) -> ServerConnection | None:
         """Borrow, waiting if need be; None when the proxy woke us (a shutdown began:
         the wait is cancellation-safe, nothing was sent anywhere yet). The pool's own
-        deadline scope is our wait_scope: one cancel scope per wait, not two."""
+        deadline scope is our wait_scope: one cancel scope per wait, not two.
+        ``queued_at``: the request already waited in the data plane since then."""
         assert self.pool is not None
-        conn = await self.pool.borrow_wakeable(
-            self.config.pool.connection_borrow_timeout, self._expose_wait_scope
-        )
+        timeout = self.config.pool.connection_borrow_timeout
+        if queued_at is not None:
+            timeout = max(0.0, queued_at + timeout - trio.current_time())
+        conn = await self.pool.borrow_wakeable(timeout, self._expose_wait_scope)
         self.server = conn
         return conn
 
@@ -496,6 +506,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
         pending = bytearray(self._carry_over)
         scanned: list[ScannedMessage] = list(self.scanner.feed(pending)) if pending else []
         skipping = False  # after an error the proxy answered itself: discard until Sync
+        queued_at: float | None = None  # the data plane queued the request for a server
         read_now = False  # try the client's socket without waiting (see below)
         while True:
             # Between transactions (never linked here): the clean moment to leave.
@@ -510,6 +521,22 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 # keeps its socket full never monopolises the event loop).
                 chunk = self.transport.receive_now() if read_now else None
                 read_now = False
+                if chunk is None and self._parks(pending):
+                    # The data plane serves the common transactions; we wake for the rest.
+                    handback = await self._park()
+                    if handback is None:
+                        continue  # woken by the proxy: see draining above
+                    if handback.relay is not None:
+                        if await self._resume_relay(handback) is not None:
+                            return
+                        read_now = True
+                        continue
+                    if handback.scanned is not None:
+                        pending += handback.chunk
+                        scanned = handback.scanned
+                        queued_at = handback.queued_at
+                        continue
+                    chunk = handback.chunk
                 if chunk is None:
                     chunk = await self._wait_for_client()
                     if chunk is None:
@@ -530,12 +557,14 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 scanned = [(t, b, e - consumed) for t, b, e in scanned if e > consumed]
                 continue
             if self.proxy.is_paused(self.database):  # admin PAUSE: hold new transactions
+                self._give_back_server()  # (one the data plane borrowed)
                 await self.proxy.wait_resumed(self.database)
                 continue
             try:
-                # An idle connection is taken at once (sync: no cancel scope, no
-                # checkpoint); otherwise we wait for one.
-                conn = self._try_borrow() or await self._wait_for_server()
+                # The data plane may have borrowed one already; an idle connection is
+                # taken at once (sync: no cancel scope, no checkpoint); otherwise we wait.
+                conn = self.server or self._try_borrow() or await self._wait_for_server(queued_at)
+                queued_at = None
                 if conn is None:
                     continue  # woken by the proxy: see draining above
                 if not self._parameters_in_sync(conn):
@@ -559,6 +588,28 @@ class ClientSession(ClientAuthentication, ClientParameters):
         self, conn: ServerConnection, data: bytes, messages: list[ScannedMessage]
     ) -> Outcome | None:
         """Run one linked period; None means the client goes on."""
+        relay = self._new_relay(conn, messages)
+        try:
+            outcome = await relay.run(data, messages)
+        finally:
+            self._mapping = False
+            self._relay_in_progress = None
+        return await self._after_relay(conn, relay, outcome)
+
+    async def _resume_relay(self, handback: Handback) -> Outcome | None:
+        """Go on with a link the data plane started (see trioproxy/_server/dataplane.py)."""
+        relay = handback.relay
+        assert relay is not None
+        try:
+            outcome = await relay.resume(
+                flush_server=handback.flush_server, flush_client=handback.flush_client
+            )
+        finally:
+            self._mapping = False
+            self._relay_in_progress = None
+        return await self._after_relay(relay.server, relay, outcome)
+
+    def _new_relay(self, conn: ServerConnection, messages: list[ScannedMessage]) -> Relay:
         linked = None
         transaction_mode = self.pool_mode is PoolMode.TRANSACTION
         if transaction_mode and (self.statements.statements or _has_named_parse(messages)):
@@ -579,14 +630,101 @@ class ClientSession(ClientAuthentication, ClientParameters):
             response_latency=self.proxy.response_latency,
             enable_statements=self._enable_statements(conn) if transaction_mode else None,
         )
-        try:
-            outcome = await relay.run(data, messages)
-        finally:
-            self._mapping = False
-            self._relay_in_progress = None
-        self.proxy.stats.bytes_from_clients += relay.bytes_from_client
-        self.proxy.stats.bytes_from_servers += relay.bytes_from_server
-        self.proxy.stats.query_requests += relay.requests
+        return relay
+
+    # --- the data plane's side (trioproxy/_server/dataplane.py) ------------------------
+
+    def _parks(self, pending: bytearray) -> bool:
+        """Wait for the next request in the data plane? (Nothing half read or held.)"""
+        return (
+            self.proxy.dataplane.running
+            and self.proxy.config.proxy.data_plane
+            and not pending
+            and self.scanner.at_boundary
+            and not self.transport.buffered
+        )
+
+    def may_link_now(self, messages: list[ScannedMessage]) -> bool:
+        """(Data plane, between transactions) Can these client messages be served without
+        this task: whole requests now awaiting answers, nothing that needs it (shutdown,
+        admin KILL or PAUSE)?"""
+        return (
+            bool(messages)
+            and messages[-1][0] in _AWAITS_ANSWERS
+            and self.scanner.at_boundary
+            and not self.proxy.draining
+            and self.kill_reason is None
+            and not self.proxy.is_paused(self.database)
+        )
+
+    def link_with(self, conn: ServerConnection, messages: list[ScannedMessage]) -> Relay | None:
+        """(Data plane) Link to ``conn``, borrowed for this client, if its session
+        parameters are this client's already; None otherwise (the client task sets them)."""
+        self.server = conn
+        if conn.transport.buffered or not self._parameters_in_sync(conn):
+            return None
+        return self._new_relay(conn, messages)
+
+    def idle_deadline(self) -> float:
+        timeout = self.config.proxy.idle_client_timeout
+        return self.last_active + timeout if timeout > 0 else math.inf
+
+    def end_link_now(self, relay: Relay) -> bool:
+        """(Data plane, at RELEASE) End the link without waiting; False (nothing done)
+        when that needs a wait: parameters to read back."""
+        if self.session.touched or self.session.reset_all:
+            return False
+        self._mapping = False
+        self._relay_in_progress = None
+        self._count(relay)
+        self.transactions += 1
+        self._give_back_server()
+        return True
+
+    async def _park(self) -> Handback | None:
+        """Wait in the data plane for the next request (idle_client_timeout applies);
+        None when the proxy woke us."""
+        dataplane = self.proxy.dataplane
+        idle_timeout = self.config.proxy.idle_client_timeout
+        self.last_active = trio.current_time()
+        while True:
+            with trio.CancelScope(deadline=self.idle_deadline()) as wait:
+                self.wait_scope = wait
+                try:
+                    return await dataplane.park(self)
+                finally:
+                    self.wait_scope = None
+            relay = self._relay_in_progress
+            if relay is not None:
+                return Handback(relay=relay)  # woken mid-request: finish it first
+            queued, self.queued_request = self.queued_request, None
+            if queued is not None:
+                # Woken while queued for a server connection (connection_borrow_timeout,
+                # shutdown): the request is ours to serve or to answer now.
+                return queued
+            if self._woken():
+                return None
+            if trio.current_time() < self.idle_deadline():
+                continue  # active in the data plane since: not idle
+            logger.info("client %d: closed after idle_client_timeout", self.id)
+            await self._fatal(
+                SQLState.IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle_client_timeout "
+                f"({idle_timeout:g} s without activity)",
+            )
+            return Handback()  # closed: the session ends as if the client had left
+
+    def _count(self, relay: Relay) -> None:
+        stats = self.proxy.stats
+        stats.bytes_from_clients += relay.bytes_from_client
+        stats.bytes_from_servers += relay.bytes_from_server
+        stats.query_requests += relay.requests
+
+    async def _after_relay(
+        self, conn: ServerConnection, relay: Relay, outcome: Outcome
+    ) -> Outcome | None:
+        """Act on how a link ended; None means the client goes on."""
+        self._count(relay)
         if outcome is Outcome.RELEASE:
             self.transactions += 1
             if self.session.touched or self.session.reset_all:

@@ -44,6 +44,7 @@ from trioproxy._protocol.messages import CancelRequest
 from trioproxy._server.admission import ClientFilter, LoginThrottle, peer_host
 from trioproxy._server.backend import BackendTarget, deliver_cancel
 from trioproxy._server.client import ClientSession
+from trioproxy._server.dataplane import DataPlane
 from trioproxy._server.metrics import serve_metrics
 from trioproxy._server.secret_refresh import SecretRefresher
 from trioproxy._server.tls import backend_context, server_context
@@ -139,6 +140,8 @@ class Proxy:
         self.stats = ProxyStats()
         #: Time from a client's request to the server's ReadyForQuery.
         self.response_latency = LatencyHistogram()
+        #: Moves the bytes of the common transactions for every parked client.
+        self.dataplane = DataPlane()
         pool_config = config.pool
         self.limits = PoolLimits(
             max_connections=pool_config.max_connections,
@@ -397,6 +400,7 @@ class Proxy:
                             cancel_socket_path(runtime.directory, runtime.worker_id),
                             self.cancel_here,
                         )
+                    await nursery.start(self.dataplane.run)
                     clients_nursery: trio.Nursery = await nursery.start(_child_nursery)
                     addresses: list[ProxyAddress] = []
                     roles = [role for _address, role in listen_roles(self.config)]

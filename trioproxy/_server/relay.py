@@ -127,6 +127,10 @@ class Relay:
         self._receive_scope: trio.CancelScope | None = None
         self.bytes_from_client = 0
         self.bytes_from_server = 0
+        #: Terminate was among the client's messages: the link ends once the rest is sent.
+        self._terminating = False
+        #: (data plane hand-over) the byte count of the prepared chunk resume() finishes.
+        self.pending_count = 0
 
     def _finish(self, outcome: Outcome, error: str | None = None) -> None:
         if self._outcome is None:
@@ -212,11 +216,8 @@ class Relay:
             if self._decided() or self._copy_started:
                 break
             if self.tracker.owed == 0:
-                if DECISION[self.state()] is Decision.RELEASE:
-                    pinned, session_mode = self._hold()
-                    state = self.state(pinned=pinned, session_mode=session_mode)
-                    if DECISION[state] is Decision.RELEASE:
-                        return Outcome.RELEASE
+                if self.may_release():
+                    return Outcome.RELEASE
                 break  # linked on (a transaction, a pin): the client must be read now
         return self._outcome
 
@@ -239,6 +240,25 @@ class Relay:
     async def _forward_to_server(
         self, chunk: bytes, messages: Sequence[ScannedMessage], *, from_boundary: bool = True
     ) -> None:
+        data = self.prepare_to_server(chunk, messages, from_boundary=from_boundary)
+        if data is None:
+            return
+        if data:
+            self._to_server_busy = True
+            try:
+                await self.server.transport.send_all(data)
+            except TransportClosed as exc:
+                self._finish(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+                return
+            finally:
+                self._to_server_busy = False
+        self.sent_to_server(len(data))
+
+    def prepare_to_server(
+        self, chunk: bytes, messages: Sequence[ScannedMessage], *, from_boundary: bool = True
+    ) -> bytes | None:
+        """Account for the client's scanned bytes; return what goes to the server (None:
+        nothing does, the outcome is decided). Sync: the data plane calls it too."""
         if from_boundary:
             self._maybe_enable_statements(messages)
         terminate_end = -1
@@ -254,30 +274,26 @@ class Relay:
                 self.tracker.client_message(type_)
             except ProtocolError as exc:
                 self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
-                return
+                return None
             self._on_client_message(type_, body)
         if terminate_end >= 0:
             # Everything before Terminate still goes to the server; Terminate (the last
             # message a client may send) does not: the pool keeps the connection.
             chunk = chunk[: terminate_end - len(_TERMINATE)]
             messages = [m for m in messages if m[2] <= terminate_end - len(_TERMINATE)]
+            self._terminating = True
         if self._statements is not None:
             try:
                 chunk = self._translate_client(chunk, messages)
             except ProtocolError as exc:
                 self._finish(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
-                return
-        if chunk:
-            self._to_server_busy = True
-            try:
-                await self.server.transport.send_all(chunk)
-            except TransportClosed as exc:
-                self._finish(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
-                return
-            finally:
-                self._to_server_busy = False
-            self.bytes_from_client += len(chunk)
-        if terminate_end >= 0:
+                return None
+        return chunk
+
+    def sent_to_server(self, count: int) -> None:
+        """The bytes prepare_to_server() returned are on their way."""
+        self.bytes_from_client += count
+        if self._terminating:
             self._finish(Outcome.CLIENT_GONE)
             return
         self._maybe_finish()
@@ -376,6 +392,17 @@ class Relay:
 
     async def _handle_server_chunk(self, chunk: bytes) -> None:
         """Account for one chunk of the server's bytes and forward it to the client."""
+        data = self.prepare_to_client(chunk)
+        if data is None:
+            return
+        if data and not await self.send_to_client(data):
+            return
+        self.sent_to_client(len(data))
+
+    def prepare_to_client(self, chunk: bytes) -> bytes | None:
+        """Account for a chunk of the server's bytes; return what goes to the client (None:
+        the server broke the protocol, the outcome is decided). Sync: the data plane calls
+        it too."""
         transport = self.server.transport
         at_boundary = self.server_scanner.at_boundary
         try:
@@ -398,34 +425,94 @@ class Relay:
         except ProtocolError as exc:
             transport.broken = True
             self._finish(Outcome.SERVER_FAILED, f"protocol error from server: {exc.message}")
-            return
+            return None
         if self._statements is not None:
             chunk = self._translate_server(chunk, scanned)
             at_boundary = True  # message mode forwards whole messages only
         if self._notice and at_boundary:
             chunk, self._notice = self._notice + chunk, b""
+        return chunk
+
+    async def send_to_client(self, data: bytes, *, flush: bool = False) -> bool:
+        """Send to the client (or, with ``flush``, what the data plane could not), with
+        backpressure; False when that failed (the outcome is then decided)."""
+        client = self.client
         self._to_client_busy = True
         try:
-            if chunk and self._idle_in_tx <= 0:
+            if self._idle_in_tx <= 0:
                 # Backpressure: while the client does not read, neither do we (memory
                 # stays bounded).
-                await self.client.send_all(chunk)
-            elif chunk:
+                await (client.flush() if flush else client.send_all(data))
+            else:
                 # ... and a client that stops reading for longer than
                 # idle_in_transaction_timeout loses its connection, not the server.
                 with trio.move_on_after(self._idle_in_tx) as stalled:
-                    await self.client.send_all(chunk)
+                    await (client.flush() if flush else client.send_all(data))
                 if stalled.cancelled_caught:
                     self._finish(Outcome.CLIENT_STALLED)
-                    return
+                    return False
         except TransportClosed:
             self._finish(Outcome.CLIENT_GONE)
-            return
+            return False
         finally:
             self._to_client_busy = False
-        self.bytes_from_server += len(chunk)
+        return True
+
+    def sent_to_client(self, count: int) -> None:
+        """The bytes prepare_to_client() returned reached the client."""
+        self.bytes_from_server += count
         self.server.tx_status = self.tracker.tx_status
         self._arm_idle_in_transaction()
+
+    # --- hand-over from the data plane (trioproxy/_server/dataplane.py) ---------------
+
+    @property
+    def decided(self) -> bool:
+        return self._outcome is not None
+
+    @property
+    def copy_started(self) -> bool:
+        return self._copy_started
+
+    def may_release(self) -> bool:
+        """Nothing owed: may the link end here? (Asks the session, which settles pending
+        unpins, only when everything else already allows it.)"""
+        if DECISION[self.state()] is not Decision.RELEASE:
+            return False
+        pinned, session_mode = self._hold()
+        return DECISION[self.state(pinned=pinned, session_mode=session_mode)] is Decision.RELEASE
+
+    def fail(self, outcome: Outcome, error: str | None = None) -> None:
+        """Decide the outcome from outside (the data plane saw a socket fail)."""
+        self._finish(outcome, error)
+
+    async def resume(self, *, flush_server: bool = False, flush_client: bool = False) -> Outcome:
+        """Go on with a link the data plane started: first the rest of a send the kernel
+        did not take whole (the transport holds it), then as run() would."""
+        if flush_server and not self.decided:
+            self._to_server_busy = True
+            try:
+                await self.server.transport.flush()
+            except TransportClosed as exc:
+                self._finish(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+            finally:
+                self._to_server_busy = False
+            if not self.decided:
+                self.sent_to_server(self.pending_count)
+        elif flush_client and not self.decided and await self.send_to_client(b"", flush=True):
+            self.sent_to_client(self.pending_count)
+        self.pending_count = 0
+        decided = self._outcome
+        if decided is not None:
+            return decided
+        if self.tracker.owed == 0 and not self._copy_started and self.may_release():
+            return Outcome.RELEASE
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._server_to_client)
+            await self._client_to_server()
+        assert self._outcome is not None
+        return self._outcome
 
 
 SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})

@@ -125,6 +125,104 @@ class Transport:
             self.broken = True
             raise TransportClosed(str(exc)) from exc
 
+    # --- without waiting (the data plane) ---------------------------------------------
+
+    @property
+    def buffered(self) -> bool:
+        """Are received bytes held here (TLS) that no epoll would announce?"""
+        tls, incoming = self._ssl, self._incoming
+        if tls is None or incoming is None:
+            return False
+        return incoming.pending > 0 or tls.pending() > 0
+
+    def receive_ready(self, max_bytes: int = RECEIVE_SIZE) -> bytes | None:
+        """Read without waiting, once the caller knows the socket is readable (the data
+        plane's epoll said so): the bytes, ``b""`` for EOF, None when nothing came (or,
+        with TLS, no whole record yet). With TLS, everything decrypted is returned, so
+        nothing stays ``buffered``."""
+        if self.broken or self.closed:
+            raise TransportClosed("transport is closed")
+        try:
+            raw = self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self.broken = True
+            raise TransportClosed(str(exc)) from exc
+        if self._ssl is None:
+            return raw
+        return self._decrypt(raw)
+
+    def _decrypt(self, raw: bytes) -> bytes | None:
+        tls, incoming = self._ssl, self._incoming
+        assert tls is not None
+        assert incoming is not None
+        if raw:
+            incoming.write(raw)
+        else:
+            incoming.write_eof()
+        out: list[bytes] = []
+        eof = False
+        while True:
+            try:
+                data = tls.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                self.broken = True
+                raise TransportClosed(f"TLS error: {exc}") from exc
+            if not data:
+                eof = True
+                break
+            out.append(data)
+        self._flush_if_idle()
+        if out:
+            return b"".join(out)
+        return b"" if eof else None
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send what the kernel takes now; True when everything went out. Otherwise the
+        rest is held here, and ``flush()`` must be awaited before anything else is sent."""
+        if self.broken or self.closed:
+            raise TransportClosed("transport is closed")
+        tls = self._ssl
+        if tls is not None:
+            outgoing = self._outgoing
+            assert outgoing is not None
+            try:
+                tls.write(data)
+            except ssl.SSLError as exc:
+                self.broken = True
+                raise TransportClosed(f"TLS error: {exc}") from exc
+            self._pending_out += outgoing.read()
+            data = bytes(self._pending_out)
+            self._pending_out.clear()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.broken = True
+            raise TransportClosed(str(exc)) from exc
+        if sent < len(data):
+            self._pending_out += memoryview(data)[sent:]
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Send what ``send_nowait()`` left (a cancelled flush with bytes left marks the
+        transport broken: half a message is on the wire)."""
+        if self.broken or self.closed:
+            raise TransportClosed("transport is closed")
+        self._sending = True
+        try:
+            await self._flush_pending()
+        finally:
+            self._sending = False
+
     async def _recv_raw(self, max_bytes: int) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(self.sock)
@@ -156,12 +254,12 @@ class Transport:
                 self.broken = True  # half a message went out: never reuse
             raise
 
-    async def _flush_tls(self) -> None:
+    async def _flush_pending(self) -> None:
+        """Send the bytes held in ``_pending_out`` (and, with TLS, the BIO's ciphertext)."""
         outgoing = self._outgoing
-        assert outgoing is not None
         try:
             while True:
-                if outgoing.pending:
+                if outgoing is not None and outgoing.pending:
                     self._pending_out += outgoing.read()
                 if not self._pending_out:
                     return
@@ -244,6 +342,8 @@ class Transport:
         self._sending = True
         try:
             if tls is None:
+                if self._pending_out:  # what send_nowait() left goes first
+                    await self._flush_pending()
                 await self._send_raw(data)
             else:
                 try:
@@ -251,7 +351,7 @@ class Transport:
                 except ssl.SSLError as exc:
                     self.broken = True
                     raise TransportClosed(f"TLS error: {exc}") from exc
-                await self._flush_tls()
+                await self._flush_pending()
         finally:
             self._sending = False
 
@@ -270,7 +370,7 @@ class Transport:
             try:
                 tls.do_handshake()
             except ssl.SSLWantReadError:
-                await self._flush_tls()
+                await self._flush_pending()
                 raw = await self._recv_raw(RECEIVE_SIZE)
                 if not raw:
                     self.broken = True
@@ -283,7 +383,7 @@ class Transport:
                 self.broken = True
                 raise TransportClosed(f"TLS handshake failed: {exc.reason or exc}") from exc
             break
-        await self._flush_tls()
+        await self._flush_pending()
 
     # --- closing ----------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""The batched data plane (trioproxy/_server/dataplane.py) with real clients and PostgreSQL.
+
+Each test checks that the data plane really carried the transactions (its counter), so
+none of them passes on the per-client path alone; and what it hands back to the client
+task: big answers (partial sends), a client leaving mid-query, timeouts, shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+pytestmark = pytest.mark.slow
+
+TRANSACTION = {"pool_mode": "transaction", "max_connections": 4}
+
+
+def _served(proxy) -> int:
+    return proxy.proxy.dataplane.transactions  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+def test_many_clients_get_their_own_answers(proxy_factory, sslmode: str) -> None:
+    """40 clients on 4 server connections, simple and extended protocol: every answer is
+    the asking client's own, and the data plane carried nearly all of them."""
+    proxy = proxy_factory(pool=TRANSACTION)
+
+    async def one_client(n: int) -> int:
+        conn = await psycopg.AsyncConnection.connect(
+            proxy.dsn(sslmode=sslmode), autocommit=True, prepare_threshold=None
+        )
+        async with conn:
+            for i in range(25):
+                cur = await conn.execute("select %s::int", (n * 1000 + i,))
+                assert await cur.fetchone() == (n * 1000 + i,)
+                cur = await conn.execute(f"select 'client {n} query {i}'")  # simple protocol
+                assert await cur.fetchone() == (f"client {n} query {i}",)
+        return n
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(one_client(n) for n in range(40)))
+
+    before = _served(proxy)
+    assert asyncio.run(asyncio.wait_for(main(), 120)) == list(range(40))
+    # 2,000 statements; a few go through the client tasks (the first one of each
+    # client, before it parks; any that found no idle server connection).
+    assert _served(proxy) - before > 1000
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+def test_big_answer_to_a_slow_reader_is_handed_back_whole(proxy_factory, sslmode: str) -> None:
+    """An answer far bigger than the socket buffers, to a client that reads it only after
+    a pause: the kernel takes part, the client task sends the rest with backpressure, and
+    the link goes on; nothing lost or reordered."""
+    proxy = proxy_factory(pool=TRANSACTION)
+    with psycopg.connect(proxy.dsn(sslmode=sslmode), autocommit=True) as conn:
+        conn.execute("select 1")
+        before = proxy.proxy.dataplane.handbacks
+        pgconn = conn.pgconn
+        pgconn.send_query(b"select i, repeat(md5(i::text), 20) from generate_series(1, 20000) i")
+        time.sleep(1.0)  # not reading: the proxy's sends to us fill our socket
+        assert proxy.proxy.dataplane.handbacks > before  # the partial send went back
+        deadline = time.monotonic() + 30
+        while pgconn.is_busy() and time.monotonic() < deadline:
+            # (libpq's blocking get_result() would hold the GIL from the proxy's thread)
+            select.select([pgconn.socket], [], [], 1.0)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        assert result is not None
+        assert result.status == psycopg.pq.ExecStatus.TUPLES_OK
+        assert result.ntuples == 20000
+        assert result.get_value(0, 0) == b"1"
+        assert result.get_value(19999, 0) == b"20000"
+        assert all(len(result.get_value(n, 1) or b"") == 640 for n in range(0, 20000, 997))
+        assert pgconn.get_result() is None
+        for i in range(5):  # the client parks again and is served again
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+    assert proxy.proxy.pool_list()[0][3].statistics().borrowed == 0
+
+
+def test_client_leaving_mid_query_frees_its_server_connection(proxy_factory) -> None:
+    """A client closes its socket while its query runs in the data plane: the link is
+    handed back, the server connection is not given to anyone with an answer still on
+    it, and the other clients carry on."""
+    proxy = proxy_factory(pool={"pool_mode": "transaction", "max_connections": 2})
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as warm:
+        warm.execute("select 1")
+    leaver = psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True)
+    leaver.execute("select 1")
+    sock = socket.socket(fileno=leaver.pgconn.socket)
+    try:
+        leaver.pgconn.send_query(b"select pg_sleep(1.0), 'late'")
+        time.sleep(0.2)
+        sock.shutdown(socket.SHUT_RDWR)  # leave, without a Terminate
+    finally:
+        sock.detach()
+        leaver.close()
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as other:
+        for i in range(20):
+            # Never the leaver's late answer: each result is this query's own.
+            assert other.execute("select %s::int, 'mine'", (i,)).fetchone() == (i, "mine")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = proxy.proxy.pool_list()[0][3].statistics()
+        if stats.borrowed == 0:
+            break
+        time.sleep(0.1)
+    assert stats.borrowed == 0
+
+
+def test_idle_client_timeout_counts_from_the_last_request(proxy_factory) -> None:
+    """A client served by the data plane for longer than idle_client_timeout is busy, not
+    idle: it is closed only after that long without a request."""
+    proxy = proxy_factory(proxy={"idle_client_timeout": 0.8}, pool=TRANSACTION)
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as conn:
+        before = _served(proxy)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # 2.5x the timeout, busy all along
+            assert conn.execute("select 1").fetchone() == (1,)
+            time.sleep(0.2)
+        assert _served(proxy) - before >= 5
+        time.sleep(1.6)
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("select 1")
+        assert "idle_client_timeout" in str(caught.value)
+
+
+def test_drain_lets_a_query_in_the_data_plane_finish(proxy_factory) -> None:
+    """Shutdown begins while a query runs in the data plane: its answer arrives, then the
+    client is told 57P01 at the boundary."""
+    proxy = proxy_factory(pool=TRANSACTION, proxy={"shutdown_timeout": 10})
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as conn:
+        conn.execute("select 1")
+        time.sleep(0.1)  # (the counter moves just after the answer went out)
+        before = _served(proxy)
+        result: list[object] = []
+
+        def query() -> None:
+            result.append(conn.execute("select pg_sleep(0.8), 'answered'").fetchone())
+
+        worker = threading.Thread(target=query)
+        worker.start()
+        time.sleep(0.3)
+        assert proxy.proxy.dataplane.parked == 1
+        drainer = threading.Thread(target=proxy.thread.drain)
+        drainer.start()
+        worker.join(10)
+        assert result == [("", "answered")]
+        drainer.join(15)
+        assert _served(proxy) == before  # handed back mid-request, finished by its task
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+
+
+def test_transaction_blocks_and_errors_through_the_data_plane(proxy_factory) -> None:
+    """BEGIN hands the link back (it outlives the answer); errors in autocommit and in
+    extended batches keep the protocol in step."""
+    proxy = proxy_factory(pool=TRANSACTION)
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as conn:
+        for i in range(10):
+            with pytest.raises(errors.DivisionByZero):
+                conn.execute("select 1 / %s::int", (0,))
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+            with conn.transaction():
+                assert conn.execute("select %s::int + 1", (i,)).fetchone() == (i + 1,)
+                assert conn.execute("select txid_current() > 0").fetchone() == (True,)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_data_plane_off_serves_through_the_client_tasks(proxy_factory) -> None:
+    proxy = proxy_factory(pool=TRANSACTION, proxy={"data_plane": False})
+    with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as conn:
+        for i in range(20):
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+    assert _served(proxy) == 0

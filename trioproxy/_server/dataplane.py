@@ -1,0 +1,356 @@
+"""The batched data plane: one task moves the bytes of every parked client's requests.
+
+[shell] Why: with one task per client, each transaction costs at least two trips through
+trio's scheduler (wait for the client, wait for the server), each with its epoll
+re-registration and a cancel scope. PERFORMANCE.md measured that floor at about twice
+PgBouncer's CPU; one task draining a private epoll for all sockets came within 1.2x.
+
+Theory of operation. A client task with nothing to do between transactions *parks* here
+(``park()``): its socket joins the private epoll and the task sleeps. This task waits
+for that epoll in trio (one wait for any number of ready sockets) and then, per ready
+socket, does the whole common transaction without a single trio wait:
+
+1. client readable: read, scan, and if the bytes are whole requests the client now
+   waits answers for, borrow an idle server connection at once (``try_borrow``), check
+   its session parameters, and send; the server's socket joins the epoll;
+2. server readable: read, account (tracker, pinning, latency), send to the client; at
+   ReadyForQuery with nothing owed and the link table saying RELEASE, give the server
+   connection back. The client stays parked for its next request.
+
+Anything else goes back to the client task (a *hand-back*) with the state as it is: the
+bytes read and scanned (no idle connection, parameters to set, a half message, PAUSE),
+or a link in progress (a transaction that stays open, a pin, COPY, the client speaking
+while answered, a send the kernel did not take whole). The client task then goes on
+exactly as if it had read the bytes itself, or resumes the link (``Relay.resume``). So
+every slow or rare path, its timeouts and its backpressure, stays in the client task;
+this task only ever does non-blocking socket calls.
+
+Cancellation: a parked task's wait is cancellable at any moment (idle_client_timeout,
+shutdown, admin KILL, the nursery). The abort takes its sockets out of the epoll at once;
+a link in progress is then the client task's to finish (its ``_relay_in_progress``), or
+to close if the cancellation goes on outward. Nothing is ever lost between the two: this
+task and the client task never run at the same time, and each step here is synchronous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+from collections import deque
+from typing import TYPE_CHECKING
+
+import attrs
+import outcome
+import trio
+
+from trioproxy._protocol.framing import ScannedMessage
+from trioproxy._server.relay import Outcome, Relay
+from trioproxy._server.transport import TransportClosed
+
+if TYPE_CHECKING:
+    from trioproxy._pool.pool import Waiter
+    from trioproxy._server.backend import ServerConnection
+    from trioproxy._server.client import ClientSession
+
+logger = logging.getLogger("trioproxy.dataplane")
+
+#: Events taken from the epoll per wake-up (more wait for the next round).
+BATCH = 256
+
+
+@attrs.frozen
+class Handback:
+    """What a parked client task wakes up to."""
+
+    #: Client bytes read here (``b""``: the client closed); scanned already when
+    #: ``scanned`` is not None. A server connection may be borrowed (``session.server``).
+    chunk: bytes = b""
+    scanned: list[ScannedMessage] | None = None
+    #: A link in progress for the client task to go on with (``Relay.resume``), and
+    #: which side holds the rest of a send the kernel did not take whole.
+    relay: Relay | None = None
+    flush_server: bool = False
+    flush_client: bool = False
+    #: The request waited for a server connection in the data plane since then
+    #: (connection_borrow_timeout counts from there).
+    queued_at: float | None = None
+
+
+class _Parked:
+    __slots__ = ("client_fd", "queued", "relay", "server_fd", "session", "task", "waiter")
+
+    def __init__(self, session: ClientSession, task: trio.lowlevel.Task, client_fd: int) -> None:
+        self.session = session
+        self.task = task
+        self.client_fd = client_fd
+        self.relay: Relay | None = None
+        self.server_fd = -1
+        #: Queued for a server connection: the pool's waiter, and the request.
+        self.waiter: Waiter | None = None
+        self.queued: Handback | None = None
+
+
+class DataPlane:
+    """Run ``run()`` in a nursery; client tasks ``await park(session)``."""
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._task: trio.lowlevel.Task | None = None
+        #: fd (a parked client's, or its linked server connection's) -> its entry.
+        self._parked: dict[int, _Parked] = {}
+        #: Queued entries the pool assigned something to, and the eventfd that wakes us
+        #: when that happened in another task.
+        self._assigned: deque[_Parked] = deque()
+        self._wake_fd = -1
+        self._wake_pending = False
+        #: Transactions served here from start to end, and hand-backs (for tests/stats).
+        self.transactions = 0
+        self.handbacks = 0
+
+    @property
+    def running(self) -> bool:
+        return self._epoll is not None
+
+    @property
+    def parked(self) -> int:
+        return len({id(entry) for entry in self._parked.values()})
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        epoll = select.epoll()
+        wake_fd = self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        epoll.register(wake_fd, select.EPOLLIN)
+        self._epoll, self._task = epoll, trio.lowlevel.current_task()
+        parked = self._parked
+        try:
+            task_status.started()
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                now = trio.current_time()
+                for fd, _events in epoll.poll(0, BATCH):
+                    entry = parked.get(fd)
+                    if entry is None:
+                        if fd == wake_fd:
+                            with contextlib.suppress(BlockingIOError):
+                                os.eventfd_read(wake_fd)
+                            self._wake_pending = False
+                        continue  # (or handed back earlier in this batch)
+                    try:
+                        if fd == entry.client_fd:
+                            entry.session.last_active = now
+                            self._client_ready(entry)
+                        else:
+                            self._server_ready(entry)
+                    except Exception as exc:  # a bug in one session must not stop the rest
+                        self._fail(entry, exc)
+                self._serve_assigned()
+        finally:
+            self._epoll = self._task = None
+            epoll.close()
+            os.close(wake_fd)
+            self._assigned.clear()
+            # Not reached with tasks parked in normal operation (they are cancelled with
+            # us); if it is, nobody must sleep forever.
+            for entry in list({id(e): e for e in parked.values()}.values()):
+                self._fail(entry, TransportClosed("the data plane stopped"))
+
+    async def park(self, session: ClientSession) -> Handback:
+        """Sleep until this client needs its task again. Cancelling it is safe at any
+        moment: a link in progress stays in ``session._relay_in_progress``, a request
+        queued for a server connection goes to ``session.queued_request``."""
+        epoll = self._epoll
+        assert epoll is not None
+        fd = session.transport.fileno()
+        entry = _Parked(session, trio.lowlevel.current_task(), fd)
+        self._parked[fd] = entry
+        epoll.register(fd, select.EPOLLIN)
+
+        def abort(_raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            session.queued_request = entry.queued
+            self._unpark(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        handback: Handback = await trio.lowlevel.wait_task_rescheduled(abort)
+        return handback
+
+    # --- internals --------------------------------------------------------------------
+
+    def _unpark(self, entry: _Parked) -> None:
+        parked, epoll = self._parked, self._epoll
+        if parked.pop(entry.client_fd, None) is not None and epoll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                epoll.unregister(entry.client_fd)
+        self._unlink(entry)
+        waiter, entry.waiter, entry.queued = entry.waiter, None, None
+        if waiter is not None:
+            pool = entry.session.pool
+            assert pool is not None
+            pool.leave_queue(waiter)
+
+    def _unlink(self, entry: _Parked) -> None:
+        fd, entry.server_fd, entry.relay = entry.server_fd, -1, None
+        if fd >= 0 and self._parked.pop(fd, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def _hand_back(self, entry: _Parked, handback: Handback) -> None:
+        self.handbacks += 1
+        self._unpark(entry)
+        trio.lowlevel.reschedule(entry.task, outcome.Value(handback))
+
+    def _fail(self, entry: _Parked, exc: BaseException) -> None:
+        self._unpark(entry)
+        trio.lowlevel.reschedule(entry.task, outcome.Error(exc))
+
+    def _client_ready(self, entry: _Parked) -> None:
+        session = entry.session
+        if entry.relay is not None or entry.waiter is not None:
+            # The client speaks while its request is answered or queued (pipelining,
+            # leaving, CopyData): its own task takes over.
+            self._hand_back(entry, entry.queued or Handback(relay=entry.relay))
+            return
+        try:
+            chunk = session.transport.receive_ready()
+        except TransportClosed:
+            chunk = b""
+        if chunk is None:
+            return
+        if not chunk:
+            self._hand_back(entry, Handback())
+            return
+        messages = session.scanner.feed(chunk)
+        if not session.may_link_now(messages):
+            self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
+            return
+        pool = session.pool
+        assert pool is not None
+        conn = pool.try_borrow()
+        if conn is None:
+            # Queue with everyone else, without the task: the pool's callback brings the
+            # connection here. connection_borrow_timeout is the parked wait's deadline.
+            queued_at = trio.current_time()
+            request = Handback(chunk=chunk, scanned=messages, queued_at=queued_at)
+            waiter = pool.join_queue(lambda: self._on_assigned(entry))
+            if waiter is None:  # the pool would open a connection: the task's job
+                self._hand_back(entry, request)
+                return
+            entry.waiter, entry.queued = waiter, request
+            wait = session.wait_scope
+            if wait is not None:
+                timeout = session.config.pool.connection_borrow_timeout
+                wait.deadline = min(wait.deadline, queued_at + timeout)
+            return
+        self._start(entry, conn, chunk, messages)
+
+    def _on_assigned(self, entry: _Parked) -> None:
+        """The pool's callback (any task, inside the pool's bookkeeping): take note only."""
+        self._assigned.append(entry)
+        if trio.lowlevel.current_task() is not self._task and not self._wake_pending:
+            self._wake_pending = True
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _serve_assigned(self) -> None:
+        assigned = self._assigned
+        while assigned:
+            entry = assigned.popleft()
+            waiter, request = entry.waiter, entry.queued
+            if waiter is None or request is None or self._parked.get(entry.client_fd) is not entry:
+                continue  # gone meanwhile (its cancel handed the assignment on)
+            entry.waiter = entry.queued = None
+            session = entry.session
+            try:
+                pool = session.pool
+                assert pool is not None
+                conn = pool.collect(waiter)
+                wait = session.wait_scope
+                if wait is not None:
+                    wait.deadline = session.idle_deadline()
+                if conn is None:
+                    self._hand_back(entry, request)  # borrow the usual way
+                    continue
+                assert request.scanned is not None
+                self._start(entry, conn, request.chunk, request.scanned)
+            except Exception as exc:
+                self._fail(entry, exc)
+
+    def _start(
+        self, entry: _Parked, conn: ServerConnection, chunk: bytes, messages: list[ScannedMessage]
+    ) -> None:
+        """Link the client to ``conn`` (borrowed for it) and send its request."""
+        relay = entry.session.link_with(conn, messages)
+        if relay is None:  # parameters to set first: the task's job (it has ``conn``)
+            self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
+            return
+        data = relay.prepare_to_server(chunk, messages)
+        if data is None:
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        server = conn.transport
+        try:
+            sent = server.send_nowait(data) if data else True
+        except TransportClosed as exc:
+            relay.fail(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if not sent:
+            relay.pending_count = len(data)
+            self._hand_back(entry, Handback(relay=relay, flush_server=True))
+            return
+        relay.sent_to_server(len(data))
+        if relay.decided:
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        assert self._epoll is not None
+        entry.relay = relay
+        entry.server_fd = fd = server.fileno()
+        self._parked[fd] = entry
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _server_ready(self, entry: _Parked) -> None:
+        relay = entry.relay
+        assert relay is not None
+        server = relay.server.transport
+        try:
+            chunk = server.receive_ready()
+        except TransportClosed as exc:
+            relay.fail(Outcome.SERVER_FAILED, str(exc))
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if chunk is None:
+            return
+        if not chunk:
+            server.broken = True
+            relay.fail(Outcome.SERVER_FAILED, "server closed the connection unexpectedly")
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        data = relay.prepare_to_client(chunk)
+        if data is None:
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if data:
+            try:
+                sent = entry.session.transport.send_nowait(data)
+            except TransportClosed:
+                relay.fail(Outcome.CLIENT_GONE)
+                self._hand_back(entry, Handback(relay=relay))
+                return
+            if not sent:
+                # The client's socket is full: backpressure (and the stall timeout) are
+                # the client task's; it sends the rest and goes on.
+                relay.pending_count = len(data)
+                self._hand_back(entry, Handback(relay=relay, flush_client=True))
+                return
+        relay.sent_to_client(len(data))
+        if relay.decided or relay.copy_started:
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if relay.tracker.owed > 0:
+            return  # more answers to come
+        if not relay.may_release() or not entry.session.end_link_now(relay):
+            # A transaction or pin that outlives the answer, or work that waits (reading
+            # back parameters): the client task goes on with the link.
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        self._unlink(entry)
+        self.transactions += 1
