@@ -26,6 +26,17 @@ def _served(proxy) -> int:
     return proxy.proxy.dataplane.transactions  # type: ignore[no-any-return]
 
 
+def _borrowed_soon(proxy, timeout: float = 10) -> int:
+    """Server connections still borrowed, once they are all back or ``timeout`` passed
+    (the proxy runs in another thread: it gives the last one back just after the answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        borrowed = proxy.proxy.pool_list()[0][3].statistics().borrowed
+        if borrowed == 0 or time.monotonic() > deadline:
+            return borrowed  # type: ignore[no-any-return]
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sslmode", ["disable", "require"])
 def test_many_clients_get_their_own_answers(proxy_factory, sslmode: str) -> None:
     """40 clients on 4 server connections, simple and extended protocol: every answer is
@@ -82,7 +93,7 @@ def test_big_answer_to_a_slow_reader_is_handed_back_whole(proxy_factory, sslmode
         assert pgconn.get_result() is None
         for i in range(5):  # the client parks again and is served again
             assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
-    assert proxy.proxy.pool_list()[0][3].statistics().borrowed == 0
+    assert _borrowed_soon(proxy) == 0
 
 
 def test_client_leaving_mid_query_frees_its_server_connection(proxy_factory) -> None:
@@ -106,13 +117,7 @@ def test_client_leaving_mid_query_frees_its_server_connection(proxy_factory) -> 
         for i in range(20):
             # Never the leaver's late answer: each result is this query's own.
             assert other.execute("select %s::int, 'mine'", (i,)).fetchone() == (i, "mine")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = proxy.proxy.pool_list()[0][3].statistics()
-        if stats.borrowed == 0:
-            break
-        time.sleep(0.1)
-    assert stats.borrowed == 0
+    assert _borrowed_soon(proxy) == 0
 
 
 def test_idle_client_timeout_counts_from_the_last_request(proxy_factory) -> None:
@@ -180,3 +185,37 @@ def test_data_plane_off_serves_through_the_client_tasks(proxy_factory) -> None:
         for i in range(20):
             assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
     assert _served(proxy) == 0
+
+
+def test_borrow_timeout_counts_from_the_queue_in_the_data_plane(proxy_factory) -> None:
+    """A request queued by the data plane for a server connection gets the borrow-timeout
+    error after connection_borrow_timeout, counted from when it was queued (not twice),
+    and a connection freed meanwhile goes to the queued request."""
+    proxy = proxy_factory(
+        pool={"pool_mode": "transaction", "max_connections": 1, "connection_borrow_timeout": 1.0}
+    )
+    with (
+        psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as holder,
+        psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as waiter,
+    ):
+        waiter.execute("select 1")  # logged in and parked
+        holder.execute("begin")
+        holder.execute("select 1")  # holds the only server connection
+        started = time.monotonic()
+        with pytest.raises(errors.TooManyConnections):
+            waiter.execute("select 2")
+        waited = time.monotonic() - started
+        assert 0.9 < waited < 1.8, waited
+        # Freed while queued: the queued request gets it.
+        result: list[object] = []
+        thread = threading.Thread(
+            target=lambda: result.append(waiter.execute("select 3").fetchone())
+        )
+        thread.start()
+        time.sleep(0.3)
+        before = _served(proxy)
+        holder.execute("commit")
+        thread.join(5)
+        assert result == [(3,)]
+        time.sleep(0.1)
+        assert _served(proxy) == before + 1

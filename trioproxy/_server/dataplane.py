@@ -35,7 +35,9 @@ task and the client task never run at the same time, and each step here is synch
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
 import select
 from collections import deque
@@ -50,7 +52,9 @@ from trioproxy._server.relay import Outcome, Relay
 from trioproxy._server.transport import TransportClosed
 
 if TYPE_CHECKING:
-    from trioproxy._pool.pool import Waiter
+    from collections.abc import Callable
+
+    from trioproxy._pool.pool import BackendPool, Waiter
     from trioproxy._server.backend import ServerConnection
     from trioproxy._server.client import ClientSession
 
@@ -79,7 +83,17 @@ class Handback:
 
 
 class _Parked:
-    __slots__ = ("client_fd", "queued", "relay", "server_fd", "session", "task", "waiter")
+    __slots__ = (
+        "client_fd",
+        "on_assigned",
+        "queued_at",
+        "relay",
+        "request",
+        "server_fd",
+        "session",
+        "task",
+        "waiter",
+    )
 
     def __init__(self, session: ClientSession, task: trio.lowlevel.Task, client_fd: int) -> None:
         self.session = session
@@ -87,9 +101,17 @@ class _Parked:
         self.client_fd = client_fd
         self.relay: Relay | None = None
         self.server_fd = -1
-        #: Queued for a server connection: the pool's waiter, and the request.
+        #: Queued for a server connection: the pool's waiter, the request and since when.
         self.waiter: Waiter | None = None
-        self.queued: Handback | None = None
+        self.request: tuple[bytes, list[ScannedMessage]] = (b"", [])
+        self.queued_at = 0.0
+        self.on_assigned: Callable[[], None] | None = None
+
+    def queued_request(self) -> Handback | None:
+        if self.waiter is None:
+            return None
+        chunk, messages = self.request
+        return Handback(chunk=chunk, scanned=messages, queued_at=self.queued_at)
 
 
 class DataPlane:
@@ -105,9 +127,16 @@ class DataPlane:
         self._assigned: deque[_Parked] = deque()
         self._wake_fd = -1
         self._wake_pending = False
+        #: Per pool, the entries queued in it, oldest first (with the waiter they were
+        #: queued with: an entry served meanwhile is skipped), and the wake-up of the task
+        #: that hands back those that waited connection_borrow_timeout.
+        self._queues: dict[BackendPool, deque[tuple[_Parked, Waiter]]] = {}
+        self._queue_started: trio.Event | None = None
         #: Transactions served here from start to end, and hand-backs (for tests/stats).
         self.transactions = 0
         self.handbacks = 0
+        #: trio.current_time() of the batch being served.
+        self._now = 0.0
 
     @property
     def running(self) -> bool:
@@ -124,27 +153,10 @@ class DataPlane:
         self._epoll, self._task = epoll, trio.lowlevel.current_task()
         parked = self._parked
         try:
-            task_status.started()
-            while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
-                now = trio.current_time()
-                for fd, _events in epoll.poll(0, BATCH):
-                    entry = parked.get(fd)
-                    if entry is None:
-                        if fd == wake_fd:
-                            with contextlib.suppress(BlockingIOError):
-                                os.eventfd_read(wake_fd)
-                            self._wake_pending = False
-                        continue  # (or handed back earlier in this batch)
-                    try:
-                        if fd == entry.client_fd:
-                            entry.session.last_active = now
-                            self._client_ready(entry)
-                        else:
-                            self._server_ready(entry)
-                    except Exception as exc:  # a bug in one session must not stop the rest
-                        self._fail(entry, exc)
-                self._serve_assigned()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_queued)
+                task_status.started()
+                await self._serve(epoll, wake_fd, parked)
         finally:
             self._epoll = self._task = None
             epoll.close()
@@ -154,6 +166,28 @@ class DataPlane:
             # us); if it is, nobody must sleep forever.
             for entry in list({id(e): e for e in parked.values()}.values()):
                 self._fail(entry, TransportClosed("the data plane stopped"))
+
+    async def _serve(self, epoll: select.epoll, wake_fd: int, parked: dict[int, _Parked]) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            now = self._now = trio.current_time()
+            for fd, _events in epoll.poll(0, BATCH):
+                entry = parked.get(fd)
+                if entry is None:
+                    if fd == wake_fd:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(wake_fd)
+                        self._wake_pending = False
+                    continue  # (or handed back earlier in this batch)
+                try:
+                    if fd == entry.client_fd:
+                        entry.session.last_active = now
+                        self._client_ready(entry)
+                    else:
+                        self._server_ready(entry)
+                except Exception as exc:  # a bug in one session must not stop the rest
+                    self._fail(entry, exc)
+            self._serve_assigned()
 
     async def park(self, session: ClientSession) -> Handback:
         """Sleep until this client needs its task again. Cancelling it is safe at any
@@ -167,7 +201,7 @@ class DataPlane:
         epoll.register(fd, select.EPOLLIN)
 
         def abort(_raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            session.queued_request = entry.queued
+            session.queued_request = entry.queued_request()
             self._unpark(entry)
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -179,10 +213,12 @@ class DataPlane:
     def _unpark(self, entry: _Parked) -> None:
         parked, epoll = self._parked, self._epoll
         if parked.pop(entry.client_fd, None) is not None and epoll is not None:
-            with contextlib.suppress(OSError, ValueError):
+            try:  # noqa: SIM105 - per transaction: no context manager
                 epoll.unregister(entry.client_fd)
+            except (OSError, ValueError):
+                pass  # closed meanwhile: the kernel dropped it
         self._unlink(entry)
-        waiter, entry.waiter, entry.queued = entry.waiter, None, None
+        waiter, entry.waiter = entry.waiter, None
         if waiter is not None:
             pool = entry.session.pool
             assert pool is not None
@@ -191,8 +227,10 @@ class DataPlane:
     def _unlink(self, entry: _Parked) -> None:
         fd, entry.server_fd, entry.relay = entry.server_fd, -1, None
         if fd >= 0 and self._parked.pop(fd, None) is not None and self._epoll is not None:
-            with contextlib.suppress(OSError, ValueError):
+            try:  # noqa: SIM105 - per transaction: no context manager
                 self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # closed meanwhile: the kernel dropped it
 
     def _hand_back(self, entry: _Parked, handback: Handback) -> None:
         self.handbacks += 1
@@ -208,7 +246,7 @@ class DataPlane:
         if entry.relay is not None or entry.waiter is not None:
             # The client speaks while its request is answered or queued (pipelining,
             # leaving, CopyData): its own task takes over.
-            self._hand_back(entry, entry.queued or Handback(relay=entry.relay))
+            self._hand_back(entry, entry.queued_request() or Handback(relay=entry.relay))
             return
         try:
             chunk = session.transport.receive_ready()
@@ -228,18 +266,23 @@ class DataPlane:
         conn = pool.try_borrow()
         if conn is None:
             # Queue with everyone else, without the task: the pool's callback brings the
-            # connection here. connection_borrow_timeout is the parked wait's deadline.
-            queued_at = trio.current_time()
-            request = Handback(chunk=chunk, scanned=messages, queued_at=queued_at)
-            waiter = pool.join_queue(lambda: self._on_assigned(entry))
+            # connection here; _expire_queued() enforces connection_borrow_timeout.
+            on_assigned = entry.on_assigned
+            if on_assigned is None:
+                on_assigned = entry.on_assigned = functools.partial(self._on_assigned, entry)
+            waiter = pool.join_queue(on_assigned)
             if waiter is None:  # the pool would open a connection: the task's job
-                self._hand_back(entry, request)
+                self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
                 return
-            entry.waiter, entry.queued = waiter, request
-            wait = session.wait_scope
-            if wait is not None:
-                timeout = session.config.pool.connection_borrow_timeout
-                wait.deadline = min(wait.deadline, queued_at + timeout)
+            entry.waiter, entry.request, entry.queued_at = waiter, (chunk, messages), self._now
+            queue = self._queues.get(pool)
+            if queue is None:
+                queue = self._queues[pool] = deque()
+            while queue and queue[0][0].waiter is not queue[0][1]:
+                queue.popleft()  # served or gone
+            queue.append((entry, waiter))
+            if self._queue_started is not None:
+                self._queue_started.set()
             return
         self._start(entry, conn, chunk, messages)
 
@@ -254,25 +297,53 @@ class DataPlane:
         assigned = self._assigned
         while assigned:
             entry = assigned.popleft()
-            waiter, request = entry.waiter, entry.queued
-            if waiter is None or request is None or self._parked.get(entry.client_fd) is not entry:
+            waiter = entry.waiter
+            if waiter is None or self._parked.get(entry.client_fd) is not entry:
                 continue  # gone meanwhile (its cancel handed the assignment on)
-            entry.waiter = entry.queued = None
-            session = entry.session
             try:
-                pool = session.pool
+                pool = entry.session.pool
                 assert pool is not None
                 conn = pool.collect(waiter)
-                wait = session.wait_scope
-                if wait is not None:
-                    wait.deadline = session.idle_deadline()
-                if conn is None:
-                    self._hand_back(entry, request)  # borrow the usual way
+                if conn is None:  # borrow the usual way
+                    handback = entry.queued_request()
+                    assert handback is not None
+                    self._hand_back(entry, handback)
                     continue
-                assert request.scanned is not None
-                self._start(entry, conn, request.chunk, request.scanned)
+                entry.waiter = None
+                chunk, messages = entry.request
+                self._start(entry, conn, chunk, messages)
             except Exception as exc:
                 self._fail(entry, exc)
+
+    async def _expire_queued(self) -> None:
+        """Hand back the requests queued for connection_borrow_timeout (their tasks then
+        answer the timeout, as a borrowing task would)."""
+        queues = self._queues
+        while True:
+            now = trio.current_time()
+            next_deadline = math.inf
+            for pool, queue in list(queues.items()):
+                while queue:
+                    entry, waiter = queue[0]
+                    if entry.waiter is not waiter:
+                        queue.popleft()  # served or gone
+                        continue
+                    timeout = entry.session.config.pool.connection_borrow_timeout
+                    if entry.queued_at + timeout > now:
+                        next_deadline = min(next_deadline, entry.queued_at + timeout)
+                        break
+                    queue.popleft()
+                    handback = entry.queued_request()
+                    assert handback is not None
+                    self._hand_back(entry, handback)
+                if not queue:
+                    del queues[pool]
+            if next_deadline == math.inf:
+                self._queue_started = trio.Event()
+                await self._queue_started.wait()
+                self._queue_started = None
+            else:
+                await trio.sleep_until(next_deadline)
 
     def _start(
         self, entry: _Parked, conn: ServerConnection, chunk: bytes, messages: list[ScannedMessage]

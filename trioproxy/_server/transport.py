@@ -49,6 +49,7 @@ class Transport:
         "_ssl",
         "broken",
         "closed",
+        "fd",
         "peer",
         "sock",
     )
@@ -58,6 +59,8 @@ class Transport:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        #: The socket's descriptor, remembered (asked per transaction by the data plane).
+        self.fd = sock.fileno()
         self.peer = peer
         self._ssl: ssl.SSLObject | None = None
         self._incoming: ssl.MemoryBIO | None = None
@@ -79,7 +82,7 @@ class Transport:
         return self._ssl
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.fd
 
     def peer_gone(self) -> bool:
         """Has an idle peer closed, or said something (a server's FATAL before it exits)?
