@@ -78,6 +78,38 @@ class Outcome(enum.Enum):
 class Relay:
     """One linked period of a client and a server connection."""
 
+    # One per transaction: slots make it cheaper to build and to use.
+    __slots__ = (
+        "_asked",
+        "_client_tail",
+        "_copy_started",
+        "_enable_statements",
+        "_hold",
+        "_idle_in_tx",
+        "_notice",
+        "_on_client_message",
+        "_on_parameter_status",
+        "_outcome",
+        "_receive_scope",
+        "_response_latency",
+        "_scope",
+        "_server_tail",
+        "_statements",
+        "_terminating",
+        "_to_client_busy",
+        "_to_server_busy",
+        "bytes_from_client",
+        "bytes_from_server",
+        "client",
+        "client_scanner",
+        "error",
+        "pending_count",
+        "requests",
+        "server",
+        "server_scanner",
+        "tracker",
+    )
+
     def __init__(
         self,
         *,
