@@ -164,11 +164,20 @@ def test_drain_lets_a_query_in_the_data_plane_finish(proxy_factory) -> None:
             conn.execute("select 1")
 
 
-def test_transaction_blocks_and_errors_through_the_data_plane(proxy_factory) -> None:
-    """BEGIN hands the link back (it outlives the answer); errors in autocommit and in
-    extended batches keep the protocol in step."""
-    proxy = proxy_factory(pool=TRANSACTION)
+@pytest.mark.parametrize("idle_in_transaction_timeout", [0, 30])
+def test_transaction_blocks_and_errors_through_the_data_plane(
+    proxy_factory, idle_in_transaction_timeout: float
+) -> None:
+    """A transaction block stays linked in the data plane (or, when
+    idle_in_transaction_timeout needs its clock, goes to the client task); errors in
+    autocommit and in extended batches keep the protocol in step."""
+    proxy = proxy_factory(
+        pool=TRANSACTION, proxy={"idle_in_transaction_timeout": idle_in_transaction_timeout}
+    )
     with psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as conn:
+        conn.execute("select 1")
+        time.sleep(0.1)
+        before, handbacks = _served(proxy), proxy.proxy.dataplane.handbacks
         for i in range(10):
             with pytest.raises(errors.DivisionByZero):
                 conn.execute("select 1 / %s::int", (0,))
@@ -177,6 +186,12 @@ def test_transaction_blocks_and_errors_through_the_data_plane(proxy_factory) -> 
                 assert conn.execute("select %s::int + 1", (i,)).fetchone() == (i + 1,)
                 assert conn.execute("select txid_current() > 0").fetchone() == (True,)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        time.sleep(0.1)
+        if idle_in_transaction_timeout:  # each block went to the client task's pumps
+            assert proxy.proxy.dataplane.handbacks - handbacks >= 10
+        else:  # 10 x (error, select, block): all ended in the data plane
+            assert _served(proxy) - before >= 30
+            assert proxy.proxy.dataplane.handbacks == handbacks
 
 
 def test_data_plane_off_serves_through_the_client_tasks(proxy_factory) -> None:
@@ -218,4 +233,5 @@ def test_borrow_timeout_counts_from_the_queue_in_the_data_plane(proxy_factory) -
         thread.join(5)
         assert result == [(3,)]
         time.sleep(0.1)
-        assert _served(proxy) == before + 1
+        # Both ended in the data plane: the holder's transaction block and "select 3".
+        assert _served(proxy) == before + 2

@@ -560,6 +560,10 @@ def test_query_requests_and_response_latency(proxy_factory) -> None:
     assert count is not None
     assert total is not None
     assert float(requests.group(1)) >= 5
+    # (TLS clients park in the data plane too: the five statements were served there)
+    served = re.search(r"^trioproxy_data_plane_transactions_total (\S+)$", text, re.M)
+    assert served is not None
+    assert float(served.group(1)) >= 4
     assert float(count.group(1)) >= 5
     assert float(total.group(1)) >= 0.05  # five 10 ms sleeps at least
 

@@ -50,6 +50,7 @@ import trio
 from trioproxy._protocol.framing import ScannedMessage
 from trioproxy._server.relay import Outcome, Relay
 from trioproxy._server.transport import TransportClosed
+from trioproxy.errors import ProtocolError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -243,10 +244,14 @@ class DataPlane:
 
     def _client_ready(self, entry: _Parked) -> None:
         session = entry.session
-        if entry.relay is not None or entry.waiter is not None:
-            # The client speaks while its request is answered or queued (pipelining,
-            # leaving, CopyData): its own task takes over.
-            self._hand_back(entry, entry.queued_request() or Handback(relay=entry.relay))
+        request = entry.queued_request()
+        if request is not None:
+            # The client speaks while its request waits for a server connection
+            # (pipelining, leaving): its own task takes over.
+            self._hand_back(entry, request)
+            return
+        if entry.relay is not None:
+            self._relay_client(entry, entry.relay)
             return
         try:
             chunk = session.transport.receive_ready()
@@ -353,30 +358,66 @@ class DataPlane:
         if relay is None:  # parameters to set first: the task's job (it has ``conn``)
             self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
             return
-        data = relay.prepare_to_server(chunk, messages)
-        if data is None:
-            self._hand_back(entry, Handback(relay=relay))
-            return
-        server = conn.transport
-        try:
-            sent = server.send_nowait(data) if data else True
-        except TransportClosed as exc:
-            relay.fail(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
-            self._hand_back(entry, Handback(relay=relay))
-            return
-        if not sent:
-            relay.pending_count = len(data)
-            self._hand_back(entry, Handback(relay=relay, flush_server=True))
-            return
-        relay.sent_to_server(len(data))
-        if relay.decided:
-            self._hand_back(entry, Handback(relay=relay))
+        if not self._forward(entry, relay, chunk, messages, from_boundary=True):
             return
         assert self._epoll is not None
         entry.relay = relay
-        entry.server_fd = fd = server.fileno()
+        entry.server_fd = fd = conn.transport.fileno()
         self._parked[fd] = entry
         self._epoll.register(fd, select.EPOLLIN)
+
+    def _relay_client(self, entry: _Parked, relay: Relay) -> None:
+        """The client speaks while linked (the next statement of its transaction, a
+        pipelined request): forward, as the client-to-server pump would."""
+        try:
+            chunk = entry.session.transport.receive_ready()
+        except TransportClosed:
+            chunk = b""
+        if chunk is None:
+            return
+        if not chunk:
+            relay.fail(Outcome.CLIENT_GONE)
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        scanner = relay.client_scanner
+        from_boundary = scanner.at_boundary
+        try:
+            messages = scanner.feed(chunk)
+        except ProtocolError as exc:
+            relay.fail(Outcome.CLIENT_PROTOCOL_ERROR, exc.message)
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        self._forward(entry, relay, chunk, messages, from_boundary=from_boundary)
+
+    def _forward(
+        self,
+        entry: _Parked,
+        relay: Relay,
+        chunk: bytes,
+        messages: list[ScannedMessage],
+        *,
+        from_boundary: bool,
+    ) -> bool:
+        """Send the client's bytes to the server; False when the client task took over."""
+        data = relay.prepare_to_server(chunk, messages, from_boundary=from_boundary)
+        if data is None:
+            self._hand_back(entry, Handback(relay=relay))
+            return False
+        try:
+            sent = relay.server.transport.send_nowait(data) if data else True
+        except TransportClosed as exc:
+            relay.fail(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+            self._hand_back(entry, Handback(relay=relay))
+            return False
+        if not sent:
+            relay.pending_count = len(data)
+            self._hand_back(entry, Handback(relay=relay, flush_server=True))
+            return False
+        relay.sent_to_server(len(data))
+        if relay.decided:
+            self._hand_back(entry, Handback(relay=relay))
+            return False
+        return True
 
     def _server_ready(self, entry: _Parked) -> None:
         relay = entry.relay
@@ -418,10 +459,16 @@ class DataPlane:
             return
         if relay.tracker.owed > 0:
             return  # more answers to come
-        if not relay.may_release() or not entry.session.end_link_now(relay):
-            # A transaction or pin that outlives the answer, or work that waits (reading
-            # back parameters): the client task goes on with the link.
+        if relay.may_release():
+            if not entry.session.end_link_now(relay):
+                # Work that waits (reading back parameters): the client task's.
+                self._hand_back(entry, Handback(relay=relay))
+                return
+            self._unlink(entry)
+            self.transactions += 1
+        elif relay.needs_timer:
+            # A transaction that outlives the answer, under idle_in_transaction_timeout:
+            # the pumps of the client task keep that clock.
             self._hand_back(entry, Handback(relay=relay))
-            return
-        self._unlink(entry)
-        self.transactions += 1
+        # Otherwise the link goes on here (a transaction block, a pin, session mode):
+        # the client's next bytes are forwarded as they come.

@@ -112,6 +112,17 @@ class ProxyCollector:
             "Client requests relayed (Query, Sync, FunctionCall: each ends in ReadyForQuery).",
             value=stats.query_requests,
         )
+        yield CounterMetricFamily(
+            "trioproxy_data_plane_transactions",
+            "Transactions the batched data plane served from request to release.",
+            value=proxy.dataplane.transactions,
+        )
+        yield CounterMetricFamily(
+            "trioproxy_data_plane_handbacks",
+            "Times the data plane handed a client back to its own task (anything but the "
+            "common transaction).",
+            value=proxy.dataplane.handbacks,
+        )
         latency = HistogramMetricFamily(
             "trioproxy_query_response_seconds",
             "Time from a client's request to the server's ReadyForQuery.",

@@ -506,6 +506,11 @@ class Relay:
     def copy_started(self) -> bool:
         return self._copy_started
 
+    @property
+    def needs_timer(self) -> bool:
+        """Does an open transaction here need idle_in_transaction_timeout's clock?"""
+        return self._idle_in_tx > 0
+
     def may_release(self) -> bool:
         """Nothing owed: may the link end here? (Asks the session, which settles pending
         unpins, only when everything else already allows it.)"""
