@@ -235,3 +235,36 @@ def test_borrow_timeout_counts_from_the_queue_in_the_data_plane(proxy_factory) -
         time.sleep(0.1)
         # Both ended in the data plane: the holder's transaction block and "select 3".
         assert _served(proxy) == before + 2
+
+
+def test_a_bug_met_in_the_data_plane_ends_only_that_client(proxy_factory, monkeypatch) -> None:
+    """An exception while the data plane serves one client (injected here) reaches that
+    client's task, which answers it with an ErrorResponse and closes; the data plane
+    and every other client carry on."""
+    from trioproxy._server.client import ClientSession
+
+    original = ClientSession.may_link_now
+
+    def may_link_now(self, messages):  # type: ignore[no-untyped-def]
+        if any(body and b"boom" in body for _type, body, _end in messages):
+            raise RuntimeError("injected failure")
+        return original(self, messages)
+
+    monkeypatch.setattr(ClientSession, "may_link_now", may_link_now)
+    proxy = proxy_factory(pool=TRANSACTION)
+    with (
+        psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as victim,
+        psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as bystander,
+    ):
+        victim.execute("select 1")
+        bystander.execute("select 1")
+        with pytest.raises(psycopg.Error) as caught:
+            victim.execute("select 'boom'")
+        assert caught.value.sqlstate == "XX000"
+        assert victim.closed or victim.broken
+        time.sleep(0.1)
+        before = _served(proxy)
+        for i in range(10):
+            assert bystander.execute("select %s::int", (i,)).fetchone() == (i,)
+        time.sleep(0.1)
+        assert _served(proxy) - before >= 10  # (psycopg may add a statement of its own)

@@ -239,6 +239,12 @@ class DataPlane:
         trio.lowlevel.reschedule(entry.task, outcome.Value(handback))
 
     def _fail(self, entry: _Parked, exc: BaseException) -> None:
+        """Give the client task an exception (a bug met while serving it: its task turns
+        it into an ErrorResponse and closes), if it is still parked here."""
+        if self._parked.get(entry.client_fd) is not entry:
+            # Handed back already (the failure came after): its task is running on.
+            logger.error("client %d: error after hand-back", entry.session.id, exc_info=exc)
+            return
         self._unpark(entry)
         trio.lowlevel.reschedule(entry.task, outcome.Error(exc))
 
