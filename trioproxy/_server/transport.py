@@ -166,17 +166,7 @@ class Transport:
             incoming.write_eof()
         out: list[bytes] = []
         eof = False
-        while True:
-            try:
-                data = tls.read(RECEIVE_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                eof = True
-                break
-            except ssl.SSLError as exc:
-                self.broken = True
-                raise TransportClosed(f"TLS error: {exc}") from exc
+        while (data := self._read_plaintext(RECEIVE_SIZE)) is not None:
             if not data:
                 eof = True
                 break
@@ -302,16 +292,8 @@ class Transport:
         incoming = self._incoming
         assert incoming is not None
         while True:
-            try:
-                data = tls.read(max_bytes)
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-            except ssl.SSLError as exc:
-                self.broken = True
-                raise TransportClosed(f"TLS error: {exc}") from exc
-            else:
+            data = self._read_plaintext(max_bytes)
+            if data is not None:
                 self._flush_if_idle()
                 return data
             raw = await self._recv_raw(RECEIVE_SIZE)
@@ -319,6 +301,21 @@ class Transport:
                 incoming.write_eof()
             else:
                 incoming.write(raw)
+
+    def _read_plaintext(self, max_bytes: int) -> bytes | None:
+        """One ``SSLObject.read``: plaintext, ``b""`` when the peer closed, None when it
+        needs more ciphertext first."""
+        tls = self._ssl
+        assert tls is not None
+        try:
+            return tls.read(max_bytes)
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+        except ssl.SSLError as exc:
+            self.broken = True
+            raise TransportClosed(f"TLS error: {exc}") from exc
 
     def _flush_if_idle(self) -> None:
         """Send ciphertext a read produced, without blocking and without racing a writer.
