@@ -98,6 +98,9 @@ TARGETS = ("direct", "pgbouncer", "trioproxy")  # what --targets accepts
 # processes (tps, churn: one target per --workers count, named by TRIOPROXY_W).
 PGBOUNCER_SESSION = "pgbouncer session"
 TRIOPROXY_W = "trioproxy w={}"
+#: (--no-data-plane) trioproxy with `[proxy] data_plane = false`: the A/B reference of the
+#: batched data plane, in tps and churn, divided by w=1 in the ratios.
+TRIOPROXY_NO_DP = "trioproxy no data plane"
 SAMPLE_INTERVAL = 0.1  # seconds between pg_stat_activity samples
 PG_SETTINGS = {  # appended after the demo cluster's own settings, so these win
     "max_connections": "100",
@@ -147,6 +150,7 @@ class Settings:
     output: Path
     pgbench_scale: int = 10
     workers: tuple[int, ...] = (1, 2)  # trioproxy `[proxy] workers` counts (tps, churn)
+    no_data_plane: bool = False  # also trioproxy with data_plane = false (tps, churn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1070,6 +1074,8 @@ class Environment:
             for n in self.settings.workers:
                 if n == 1 or self.workers_supported:
                     self.add_trioproxy(TRIOPROXY_W.format(n), n)
+            if self.settings.no_data_plane:
+                self.add_trioproxy(TRIOPROXY_NO_DP, 1, data_plane=False)
 
     def add_pgbouncer(self, name: str, pool_mode: str) -> None:
         from trioproxy.testing.postgres import RUN_AS
@@ -1100,14 +1106,16 @@ class Environment:
         argv = as_service_user(["/bin/sh", "-c", command])
         self.targets[name] = PgBouncerTarget(name, argv, clean_env(), port, workdir)
 
-    def add_trioproxy(self, name: str, workers: int) -> None:
+    def add_trioproxy(self, name: str, workers: int, *, data_plane: bool = True) -> None:
         workdir = self.base / name.replace(" ", "-").replace("=", "")
         workdir.mkdir()
         port = free_port_checked()
         config = workdir / "bench.toml"
         self.config_files[name] = config
-        self.config_writers[name] = lambda port: self.trioproxy_toml(port, workers)
-        config.write_text(self.trioproxy_toml(port, workers))
+        self.config_writers[name] = lambda port: self.trioproxy_toml(
+            port, workers, data_plane=data_plane
+        )
+        config.write_text(self.trioproxy_toml(port, workers, data_plane=data_plane))
         argv = [sys.executable, "-m", "trioproxy", "--config", str(config)]
         env = clean_env(**{PASSWORD_ENV: self.password})
         self.targets[name] = TrioproxyTarget(name, argv, env, port, workdir, processes=workers)
@@ -1170,10 +1178,13 @@ client_tls_cert_file = server.crt
 client_tls_key_file = server.key
 """
 
-    def trioproxy_toml(self, port: int, workers: int = 1) -> str:
+    def trioproxy_toml(self, port: int, workers: int = 1, *, data_plane: bool = True) -> str:
         most = max(10000, max(self.settings.clients) + 100)
-        # workers = 1 is the default: left out, so that builds without the key still start.
+        # workers = 1 is the default: left out, so that builds without the key still start
+        # (and data_plane = true likewise).
         workers_line = f"workers = {workers}\n" if workers > 1 else ""
+        if not data_plane:
+            workers_line += "data_plane = false\n"
         return f"""\
 # Written by bench/run.py: transaction pooling, {self.settings.pool_size} server connections.
 [proxy]
@@ -1206,11 +1217,14 @@ password_env = "{PASSWORD_ENV}"
         """The trioproxy targets of the scenarios that compare worker counts (tps, churn)."""
         if "trioproxy" not in self.settings.targets:
             return []
-        return [
+        names = [
             TRIOPROXY_W.format(n)
             for n in self.settings.workers
             if TRIOPROXY_W.format(n) in self.targets
         ]
+        if TRIOPROXY_NO_DP in self.targets:
+            names.append(TRIOPROXY_NO_DP)
+        return names
 
     def workers_note(self) -> str | None:
         """A line for the report when the w>1 targets could not run."""
@@ -2136,7 +2150,7 @@ REFERENCES = ("pgbouncer", PGBOUNCER_SESSION, "direct")
 
 
 def is_trioproxy(name: str) -> bool:
-    return name == "trioproxy" or name.startswith("trioproxy w=")
+    return name in ("trioproxy", TRIOPROXY_NO_DP) or name.startswith("trioproxy w=")
 
 
 def failure_word(target: str) -> str:
@@ -2154,7 +2168,7 @@ def case_ratios(results: list[dict[str, Any]], spec: CaseReport) -> list[dict[st
         for name in filter(is_trioproxy, mine_targets):
             mine = by_key[(case, name)]
             others: list[str] = [*REFERENCES]
-            if is_multi_worker(name):
+            if is_multi_worker(name) or name == TRIOPROXY_NO_DP:
                 others.append(TRIOPROXY_W.format(1))
             for other in others:
                 ref = by_key.get((case, other))
@@ -2354,6 +2368,12 @@ def extra_targets_lines(report: dict[str, Any]) -> list[str]:
             "as a delta over the run (processes in the run's median: "
             + ", ".join(f"{n} {fmt(proc_count(report, n))}" for n in workers)
             + ")"
+        )
+    if TRIOPROXY_NO_DP in names:
+        lines.append(
+            f"* `{TRIOPROXY_NO_DP}` (`--no-data-plane`): trioproxy w=1 with `[proxy] data_plane "
+            "= false`, each client's own task moving its bytes: the A/B reference for the "
+            "batched data plane (its ratio to w=1 is that A/B)"
         )
     note = report["settings"].get("workers_note")
     if note:
@@ -2853,6 +2873,12 @@ def parser() -> argparse.ArgumentParser:
         "'trioproxy w=N' (default 1,2; counts above 1 are skipped when the build rejects the "
         "key)",
     )
+    p.add_argument(
+        "--no-data-plane",
+        action="store_true",
+        help=f"tps and churn: also run '{TRIOPROXY_NO_DP}' ([proxy] data_plane = false), the "
+        "A/B reference for the batched data plane; the ratios divide it by w=1",
+    )
     p.add_argument("--duration", type=float, help="seconds of load per run")
     p.add_argument("--repeat", type=int, default=1, help="repetitions (interleaved; default 1)")
     p.add_argument(
@@ -2928,6 +2954,7 @@ def settings_from(args: argparse.Namespace, name: str) -> Settings:
         quick=args.quick,
         output=output,
         workers=tuple(dict.fromkeys(args.workers)),
+        no_data_plane=args.no_data_plane,
     )
 
 
