@@ -11,24 +11,30 @@ for that epoll in trio (one wait for any number of ready sockets) and then, per 
 socket, does the whole common transaction without a single trio wait:
 
 1. client readable: read, scan, and if the bytes are whole requests the client now
-   waits answers for, borrow an idle server connection at once (``try_borrow``), check
+   waits answers for, borrow an idle server connection at once (``try_borrow``), or
+   queue for one in the pool's own FIFO with a callback instead of a task
+   (``BackendPool.join_queue``; a watchdog task keeps connection_borrow_timeout); check
    its session parameters, and send; the server's socket joins the epoll;
 2. server readable: read, account (tracker, pinning, latency), send to the client; at
    ReadyForQuery with nothing owed and the link table saying RELEASE, give the server
-   connection back. The client stays parked for its next request.
+   connection back. The client stays parked for its next request. A transaction block,
+   a pin or session mode keeps the link here: the client's next statement is forwarded
+   as it comes (what the client-to-server pump would do).
 
 Anything else goes back to the client task (a *hand-back*) with the state as it is: the
-bytes read and scanned (no idle connection, parameters to set, a half message, PAUSE),
-or a link in progress (a transaction that stays open, a pin, COPY, the client speaking
-while answered, a send the kernel did not take whole). The client task then goes on
-exactly as if it had read the bytes itself, or resumes the link (``Relay.resume``). So
-every slow or rare path, its timeouts and its backpressure, stays in the client task;
-this task only ever does non-blocking socket calls.
+bytes read and scanned (the pool would open a connection, parameters to set, a half
+message, PAUSE, KILL, shutdown, a logout), or a link in progress (COPY, an open
+transaction under idle_in_transaction_timeout, a protocol error, a server that fails, a
+send the kernel did not take whole). The client task then goes on exactly as if it had
+read the bytes itself, or resumes the link (``Relay.resume``). So every slow or rare
+path, its timeouts and its backpressure, stays in the client task; this task only ever
+does non-blocking socket calls.
 
 Cancellation: a parked task's wait is cancellable at any moment (idle_client_timeout,
-shutdown, admin KILL, the nursery). The abort takes its sockets out of the epoll at once;
-a link in progress is then the client task's to finish (its ``_relay_in_progress``), or
-to close if the cancellation goes on outward. Nothing is ever lost between the two: this
+shutdown, admin KILL, the nursery). The abort takes its sockets out of the epoll and the
+client out of the pool's queue at once; a link in progress is then the client task's to
+finish (its ``_relay_in_progress``), or to close if the cancellation goes on outward, and
+a queued request its to serve (``queued_request``). Nothing is ever lost between the two: this
 task and the client task never run at the same time, and each step here is synchronous.
 """
 
