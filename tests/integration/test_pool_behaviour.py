@@ -162,6 +162,11 @@ def test_max_client_connections(proxy_factory) -> None:
         with pytest.raises(psycopg.OperationalError) as caught:
             psycopg.connect(proxy.dsn())
         assert "too many clients" in str(caught.value)
+    # Once the proxy has seen them leave (their tasks end just after their Terminate,
+    # in the proxy's thread), a new client gets in.
+    deadline = time.monotonic() + 10
+    while proxy.proxy.open_clients > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
 
