@@ -165,17 +165,24 @@ class BackendPool:
         transaction pooling, where a connection is usually free. The same liveness check as
         ``borrow()``; on None the caller falls back to ``borrow()``."""
         while (conn := self.core.take_idle()) is not None:
-            if conn.alive and not conn.transport.peer_gone():
+            if self._usable(conn):
                 self.borrow_latency.observe(0.0)
                 return conn
-            logger.info(
-                "pool %s: idle server connection %d was closed by the server; replaced",
-                self.name,
-                conn.id,
-            )
-            conn.close()
-            self._apply(self.core.forget(conn))
         return None
+
+    def _usable(self, conn: ServerConnection) -> bool:
+        """The liveness check before a connection is handed out: an idle one the server
+        closed (restart, pg_terminate_backend) is closed and forgotten here instead."""
+        if conn.alive and not conn.transport.peer_gone():
+            return True
+        logger.info(
+            "pool %s: idle server connection %d was closed by the server; replaced",
+            self.name,
+            conn.id,
+        )
+        conn.close()
+        self._apply(self.core.forget(conn))
+        return False
 
     # --- queueing without a task (the data plane) ----------------------------------------
 
@@ -200,11 +207,8 @@ class BackendPool:
         borrows the usual way)."""
         result = self.core.take(waiter)
         if isinstance(result, Grant):
-            conn = result.conn
-            if conn.alive and not conn.transport.peer_gone():
-                return conn
-            conn.close()
-            self._apply(self.core.forget(conn))
+            if self._usable(result.conn):
+                return result.conn
         elif isinstance(result, Open):
             self._apply(self.core.open_failed())
         return None
@@ -237,21 +241,14 @@ class BackendPool:
                         result = self.core.take(waiter)
                     if isinstance(result, Grant):
                         conn = result.conn
-                        if conn.alive and not conn.transport.peer_gone():
-                            # Not cancellable: the connection is ours from take() on, and a
-                            # Cancelled here would leave it borrowed with no owner. (After
-                            # a wait, that wait was the checkpoint: no second yield.)
-                            if not waited:
-                                await trio.lowlevel.cancel_shielded_checkpoint()
-                            return conn
-                        logger.info(
-                            "pool %s: idle server connection %d was closed by the server; replaced",
-                            self.name,
-                            conn.id,
-                        )
-                        conn.close()
-                        self._apply(self.core.forget(conn))
-                        continue
+                        if not self._usable(conn):
+                            continue
+                        # Not cancellable: the connection is ours from take() on, and a
+                        # Cancelled here would leave it borrowed with no owner. (After a
+                        # wait, that wait was the checkpoint: no second yield.)
+                        if not waited:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        return conn
                     assert isinstance(result, Open)
                     try:
                         return await self._open()

@@ -196,10 +196,8 @@ class Relay:
         # boundary, i.e. when everything else already allows a release.
         if self.tracker.owed > 0:
             return  # answers owed: AWAITING_ANSWERS at best, which keeps (as after a request)
-        if DECISION[self.state()] is Decision.RELEASE:
-            pinned, session_mode = self._hold()
-            if DECISION[self.state(pinned=pinned, session_mode=session_mode)] is Decision.RELEASE:
-                self._finish(Outcome.RELEASE)
+        if self.may_release():
+            self._finish(Outcome.RELEASE)
 
     async def run(
         self, initial: bytes = b"", initial_messages: Sequence[ScannedMessage] = ()
@@ -217,6 +215,12 @@ class Relay:
             if outcome is not None:
                 return outcome
             initial = b""
+        return await self._run_pumps(initial, initial_messages)
+
+    async def _run_pumps(
+        self, initial: bytes = b"", initial_messages: Sequence[ScannedMessage] = ()
+    ) -> Outcome:
+        """The two pumps, until the link may end (``initial``: client bytes to send first)."""
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             if self._outcome is not None:  # decided while handing over
@@ -544,12 +548,7 @@ class Relay:
             return decided
         if self.tracker.owed == 0 and not self._copy_started and self.may_release():
             return Outcome.RELEASE
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._server_to_client)
-            await self._client_to_server()
-        assert self._outcome is not None
-        return self._outcome
+        return await self._run_pumps()
 
 
 SERVER_INSPECT = frozenset({Backend.READY_FOR_QUERY, Backend.PARAMETER_STATUS})

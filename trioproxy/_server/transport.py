@@ -120,13 +120,7 @@ class Transport:
             raise TransportClosed("transport is closed")
         if self._ssl is not None or not self._ready():
             return None
-        try:
-            return self.sock.recv(max_bytes)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            self.broken = True
-            raise TransportClosed(str(exc)) from exc
+        return self.receive_ready(max_bytes)
 
     # --- without waiting (the data plane) ---------------------------------------------
 
