@@ -305,14 +305,15 @@ class PoolCore(Generic[C, W]):
         if conn not in self._out or conn in self._granted:
             raise ValueError("checkin() of a connection that is not borrowed")
         rec = self._out.pop(conn)
-        if reusable and not self._too_old(rec, now):
+        reusable = reusable and not self._too_old(rec, now)
+        if reusable:
             rec.idle_since = now
             if not self._waiters and self._slots() < self._max_size:
                 # _put_back()'s idle case, once per transaction: nothing for the shell.
                 self._idle[conn] = rec
                 return _NO_EFFECTS
         fx: _Builder[C, W] = _Builder()
-        if reusable and not self._too_old(rec, now):
+        if reusable:
             self._put_back(conn, rec, fx)
         else:
             self._close(conn, fx)

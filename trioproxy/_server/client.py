@@ -70,8 +70,6 @@ from trioproxy.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from trioproxy._pool.pool import BackendPool
     from trioproxy._server.backend import ServerConnection
     from trioproxy._server.proxy import Proxy
@@ -351,6 +349,22 @@ class ClientSession(ClientAuthentication, ClientParameters):
             return
         tracker = self.tracker
         session_mode = self.pool_mode is PoolMode.SESSION
+        if (
+            tracker.owed == 0
+            and not tracker.unsynced
+            and tracker.tx_status is TxStatus.IDLE
+            and not tracker.copy_both
+            and not self._mapping
+            and not self._reset_server
+            and not session_mode
+            and not self.session.pinned
+            and self.scanner.at_boundary
+        ):
+            # The end of almost every transaction: link_state() below would say IDLE,
+            # and the table REUSE; said here without building its arguments.
+            self.pool.release(conn, clean=True)
+            self.tracker = TransactionTracker()
+            return
         state = link_state(
             sending=False,
             client_at_boundary=self.scanner.at_boundary,
@@ -389,13 +403,11 @@ class ClientSession(ClientAuthentication, ClientParameters):
             )
         return scanner
 
-    def _enable_statements(self, conn: ServerConnection) -> Callable[[], LinkedMapper]:
-        def enable() -> LinkedMapper:
-            conn.statements.capacity = self.config.pool.max_prepared_statements
-            self._mapping = True
-            return self.statements.link(conn.statements)
-
-        return enable
+    def _enable_statements(self, conn: ServerConnection) -> LinkedMapper:
+        """(Relay) Switch the link to message mode: statements are virtualised from here."""
+        conn.statements.capacity = self.config.pool.max_prepared_statements
+        self._mapping = True
+        return self.statements.link(conn.statements)
 
     def drain_wake(self) -> None:
         """The proxy is shutting down: a client parked on its pinned or session-mode
@@ -423,6 +435,20 @@ class ClientSession(ClientAuthentication, ClientParameters):
     def _on_client_message(self, type_: int, body: bytes | None) -> None:
         if body is None:
             return
+        if (
+            type_ == Frontend.QUERY
+            and not self.config.proxy.debug_logging
+            and body.find(b"\0") == len(body) - 1
+            and body.isascii()
+        ):
+            # The hot path (a simple Query, ASCII, well formed): what the general branch
+            # below does for a Query, without building the message object.
+            new = self.session.on_sql(body[:-1].decode("ascii"))
+            if self.session.pending and self.session.forgets_statements():
+                self._forget_statements()
+            if new and self.pool_mode is PoolMode.TRANSACTION:
+                self._pinned(new)
+            return
         try:
             message = _decode_inspected(type_, body)
         except ProtocolError:
@@ -440,12 +466,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
             if isinstance(message, Query):
                 new = self.session.on_sql(message.sql)
                 if self.session.forgets_statements():
-                    # DISCARD ALL / DEALLOCATE ALL: the client's names are gone, and the
-                    # server connection's shared statements too (the pool resets it).
-                    self.statements.statements.clear()
-                    self._reset_server = True
-                    if self.server is not None:
-                        self.server.statements.clear()
+                    self._forget_statements()
             elif isinstance(message, Parse):
                 # Virtualised (message mode) statements move freely: no pin.
                 name = "" if self._mapping else message.name
@@ -457,6 +478,14 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 new = []
         if new and self.pool_mode is PoolMode.TRANSACTION:
             self._pinned(new)
+
+    def _forget_statements(self) -> None:
+        """DISCARD ALL / DEALLOCATE ALL ran: the client's statement names are gone, and the
+        server connection's shared statements too (the pool resets it)."""
+        self.statements.statements.clear()
+        self._reset_server = True
+        if self.server is not None:
+            self.server.statements.clear()
 
     def _pinned(self, reasons: list[str]) -> None:
         """Tell users why (RDS Proxy only says so in debug logs): one log line per new pin,
@@ -628,7 +657,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
             idle_in_transaction_timeout=self.config.proxy.idle_in_transaction_timeout,
             statements=linked,
             response_latency=self.proxy.response_latency,
-            enable_statements=self._enable_statements(conn) if transaction_mode else None,
+            enable_statements=self._enable_statements if transaction_mode else None,
         )
         return relay
 
@@ -840,4 +869,7 @@ def _decode_inspected(type_: int, body: bytes) -> FrontendMessage:
 
 
 def _has_named_parse(messages: list[ScannedMessage]) -> bool:
-    return any(t == Frontend.PARSE and body and body[0] != 0 for t, body, _end in messages)
+    for type_, body, _end in messages:  # noqa: SIM110 - a loop, not any(): per transaction
+        if type_ == Frontend.PARSE and body and body[0] != 0:
+            return True
+    return False

@@ -34,6 +34,7 @@ import enum
 import logging
 import math
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
@@ -123,7 +124,7 @@ class Relay:
         on_parameter_status: Callable[[ParameterStatus], None],
         idle_in_transaction_timeout: float,
         statements: LinkedMapper | None = None,
-        enable_statements: Callable[[], LinkedMapper] | None = None,
+        enable_statements: Callable[[ServerConnection], LinkedMapper] | None = None,
         response_latency: LatencyHistogram | None = None,
     ) -> None:
         self.client = client
@@ -271,7 +272,7 @@ class Relay:
             and not self.tracker.unsynced
             and self.server_scanner.at_boundary
         ):
-            self._statements = self._enable_statements()
+            self._statements = self._enable_statements(self.server)
 
     async def _forward_to_server(
         self, chunk: bytes, messages: Sequence[ScannedMessage], *, from_boundary: bool = True
@@ -298,7 +299,7 @@ class Relay:
         if from_boundary:
             self._maybe_enable_statements(messages)
         terminate_end = -1
-        now = trio.current_time()
+        now = perf_counter()  # (a duration's start: the cheapest monotonic clock)
         for type_, body, end in messages:
             if type_ == Frontend.TERMINATE:
                 terminate_end = end
@@ -449,7 +450,7 @@ class Relay:
                 if type_ == Backend.READY_FOR_QUERY and self._asked:
                     asked = self._asked.popleft()
                     if self._response_latency is not None:
-                        self._response_latency.observe(trio.current_time() - asked)
+                        self._response_latency.observe(perf_counter() - asked)
                 self.tracker.server_message(type_, body)
                 if type_ in _COPY_STARTS:
                     self._copy_started = True
@@ -521,6 +522,8 @@ class Relay:
         if DECISION[self.state()] is not Decision.RELEASE:
             return False
         pinned, session_mode = self._hold()
+        if not pinned and not session_mode:
+            return True  # the state just computed, which assumed exactly that
         return DECISION[self.state(pinned=pinned, session_mode=session_mode)] is Decision.RELEASE
 
     def fail(self, outcome: Outcome, error: str | None = None) -> None:

@@ -108,10 +108,12 @@ class SessionState:
     def on_sql(self, sql: str) -> list[str]:
         """A Query's text (or a Parse's SQL). Returns the pin reasons newly taken."""
         lowered = sql.lower()
-        if not any(word in lowered for word in _TRIGGERS) and not (
-            self.pending and ("rollback" in lowered or "abort" in lowered)
-        ):
-            return []
+        for word in _TRIGGERS:  # (a loop, not any(): this runs for every statement)
+            if word in lowered:
+                break
+        else:
+            if not (self.pending and ("rollback" in lowered or "abort" in lowered)):
+                return []
         new: list[str] = []
         if "\\" in sql:
             # With standard_conforming_strings off a backslash escapes a quote, so the
