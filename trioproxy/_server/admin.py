@@ -151,7 +151,7 @@ async def admin_login(session: ClientSession) -> bool:
         "is_superuser": "off",
         "application_name": "",
     }
-    await session.transport.send_all(
+    await session._send(
         AuthenticationOk().encode()
         + parameter_status_bytes(parameters)
         + BackendKeyData(session.process_id, secret).encode()

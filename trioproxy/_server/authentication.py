@@ -155,7 +155,7 @@ class ClientAuthentication(SessionBase):
             )
             self._count_failed_login()
             raise
-        await self._send(AuthenticationSASLFinal(server_final).encode())
+        self._held_reply = AuthenticationSASLFinal(server_final).encode()
 
     async def _authenticate_md5(self, reader: MessageReader, user: UserCredentials) -> None:
         """``client_password_auth_type = "md5"``: AuthenticationMD5Password with a fresh

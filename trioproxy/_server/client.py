@@ -173,6 +173,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
     # --- helpers ----------------------------------------------------------------------
 
     async def _send(self, data: bytes) -> None:
+        if self._held_reply:
+            data, self._held_reply = self._held_reply + data, b""
         await self.transport.send_all(data)
 
     async def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:

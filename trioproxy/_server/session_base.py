@@ -32,6 +32,9 @@ class SessionBase:
     startup_extra_parameters: dict[str, str]
     session: SessionState
     secret_key: bytes
+    #: The last answer of the authentication exchange (SASLFinal), held back to go out
+    #: with whatever is sent next (AuthenticationOk and the rest): one send per login less.
+    _held_reply: bytes = b""
 
     if TYPE_CHECKING:
 
