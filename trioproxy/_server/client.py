@@ -21,6 +21,7 @@ import hmac
 import logging
 import math
 import struct
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
@@ -457,14 +458,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
             new = [r] if (r := self.session._pin("unparsable statement", None)) else []
         else:
             if self.config.proxy.debug_logging and isinstance(message, (Query, Parse)):
-                # debug_logging: one line per statement, literals removed (no values,
-                # no secrets typed into SQL).
-                logger.debug(
-                    "client %d: %s %s",
-                    self.id,
-                    "query" if isinstance(message, Query) else "parse",
-                    "; ".join(fingerprint(st) for st in split_statements(message.sql)),
-                )
+                self._log_statement("query" if isinstance(message, Query) else "parse", message.sql)
             if isinstance(message, Query):
                 new = self.session.on_sql(message.sql)
                 if self.session.forgets_statements():
@@ -480,6 +474,16 @@ class ClientSession(ClientAuthentication, ClientParameters):
                 new = []
         if new and self.pool_mode is PoolMode.TRANSACTION:
             self._pinned(new)
+
+    def _log_statement(self, kind: str, sql: str) -> None:
+        """debug_logging: one line per statement, literals removed (no values, no secrets
+        typed into SQL)."""
+        logger.debug(
+            "client %d: %s %s",
+            self.id,
+            kind,
+            "; ".join(fingerprint(st) for st in split_statements(sql)),
+        )
 
     def _forget_statements(self) -> None:
         """DISCARD ALL / DEALLOCATE ALL ran: the client's statement names are gone, and the
@@ -695,6 +699,67 @@ class ClientSession(ClientAuthentication, ClientParameters):
         if conn.transport.buffered or not self._parameters_in_sync(conn):
             return None
         return self._new_relay(conn, messages)
+
+    # Express requests (trioproxy/_session/express.py): served without a Relay.
+
+    def express_ready(self) -> bool:
+        """(Data plane, between transactions) May a request be served express? Only when
+        none of the session's state is in play: transaction mode, no pin or pending
+        unpin, no statements to map, no parameters to read back, nothing for this task."""
+        session = self.session
+        return (
+            self.server is None
+            and not session.pins
+            and not session.named_statements
+            and not session.pending
+            and not session.touched
+            and not session.reset_all
+            and not self.statements.statements
+            and not self._reset_server
+            and self.pool_mode is PoolMode.TRANSACTION
+            and not self.proxy.draining
+            and self.kill_reason is None
+            and not self.proxy.is_paused(self.database)
+        )
+
+    def express_request(self, request: bytes) -> None:
+        """(Data plane) An express request is taken: what ``_on_client_message`` would
+        note about it (only the debug_logging line: it changes nothing else)."""
+        if self.config.proxy.debug_logging:
+            self._log_statement("query", request[5:-1].decode("ascii"))
+
+    def link_express(self, conn: ServerConnection) -> bool:
+        """(Data plane) ``link_with`` for an express request: is ``conn``, borrowed for
+        this client, ready for it as it is? (False: the client task sets parameters.)"""
+        self.server = conn
+        return not conn.transport.buffered and self._parameters_in_sync(conn)
+
+    def relay_for(self, conn: ServerConnection, request: bytes, *, sent: bool) -> Relay:
+        """(Data plane) The ``Relay`` an express link becomes when the general path must
+        go on with it: built, and given the request's accounting (sent to the server, or
+        not yet), exactly as if the link had started that way."""
+        messages: list[ScannedMessage] = [(Frontend.QUERY, request[5:], len(request))]
+        relay = self._new_relay(conn, messages)
+        relay.prepare_to_server(request, messages)
+        if sent:
+            relay.sent_to_server(len(request))
+        return relay
+
+    def express_done(
+        self, conn: ServerConnection, request_size: int, answer: int, errors: int, sent_at: float
+    ) -> None:
+        """(Data plane) An express transaction ended at ReadyForQuery('I'): what
+        ``end_link_now`` does for a Relay (statistics, latency, the connection back)."""
+        stats = self.proxy.stats
+        stats.bytes_from_clients += request_size
+        stats.bytes_from_servers += answer
+        stats.query_requests += 1
+        self.proxy.response_latency.observe(perf_counter() - sent_at)
+        self._errors_checked = errors  # what _hold() would have noted at this boundary
+        self.transactions += 1
+        self.server = None
+        assert self.pool is not None
+        self.pool.release(conn, clean=True)
 
     def idle_deadline(self) -> float:
         timeout = self.config.proxy.idle_client_timeout

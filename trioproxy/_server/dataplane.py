@@ -47,15 +47,18 @@ import math
 import os
 import select
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import attrs
 import outcome
 import trio
 
+from trioproxy._protocol.codes import Frontend
 from trioproxy._protocol.framing import ScannedMessage
 from trioproxy._server.relay import Outcome, Relay
 from trioproxy._server.transport import TransportClosed
+from trioproxy._session.express import express_answer, express_query
 from trioproxy.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -92,6 +95,8 @@ class Handback:
 class _Parked:
     __slots__ = (
         "client_fd",
+        "express_conn",
+        "express_sent_at",
         "on_assigned",
         "queued_at",
         "relay",
@@ -109,16 +114,28 @@ class _Parked:
         self.relay: Relay | None = None
         self.server_fd = -1
         #: Queued for a server connection: the pool's waiter, the request and since when.
+        #: The request's messages are None for an express one (not scanned).
         self.waiter: Waiter | None = None
-        self.request: tuple[bytes, list[ScannedMessage]] = (b"", [])
+        self.request: tuple[bytes, list[ScannedMessage] | None] = (b"", [])
         self.queued_at = 0.0
         self.on_assigned: Callable[[], None] | None = None
+        #: An express link (trioproxy/_session/express.py): its server connection, once
+        #: the request (``request[0]``) went out whole, and when.
+        self.express_conn: ServerConnection | None = None
+        self.express_sent_at = 0.0
 
     def queued_request(self) -> Handback | None:
         if self.waiter is None:
             return None
         chunk, messages = self.request
+        if messages is None:
+            messages = _query_messages(chunk)
         return Handback(chunk=chunk, scanned=messages, queued_at=self.queued_at)
+
+
+def _query_messages(request: bytes) -> list[ScannedMessage]:
+    """What the client's scanner says about an express request (one whole Query)."""
+    return [(Frontend.QUERY, request[5:], len(request))]
 
 
 class DataPlane:
@@ -142,6 +159,8 @@ class DataPlane:
         #: Transactions served here from start to end, and hand-backs (for tests/stats).
         self.transactions = 0
         self.handbacks = 0
+        #: Of those transactions, the ones served express (without a Relay).
+        self.express = 0
         #: trio.current_time() of the batch being served.
         self._now = 0.0
 
@@ -218,6 +237,13 @@ class DataPlane:
     # --- internals --------------------------------------------------------------------
 
     def _unpark(self, entry: _Parked) -> None:
+        if entry.express_conn is not None:
+            # Its task takes over mid-request (cancelled, or failed): it gets the link as
+            # an ordinary Relay, which knows an answer is owed.
+            try:
+                self._to_relay(entry)
+            except Exception:  # (the connection was closed: the task sees it failed)
+                logger.exception("client %d: express link not handed over", entry.session.id)
         parked, epoll = self._parked, self._epoll
         if parked.pop(entry.client_fd, None) is not None and epoll is not None:
             try:  # noqa: SIM105 - per transaction: no context manager
@@ -233,6 +259,7 @@ class DataPlane:
 
     def _unlink(self, entry: _Parked) -> None:
         fd, entry.server_fd, entry.relay = entry.server_fd, -1, None
+        entry.express_conn = None
         if fd >= 0 and self._parked.pop(fd, None) is not None and self._epoll is not None:
             try:  # noqa: SIM105 - per transaction: no context manager
                 self._epoll.unregister(fd)
@@ -262,6 +289,11 @@ class DataPlane:
             # (pipelining, leaving): its own task takes over.
             self._hand_back(entry, request)
             return
+        if entry.express_conn is not None:
+            # The client speaks while its express request is answered (pipelining,
+            # leaving): the general path goes on with it.
+            self._relay_client(entry, self._to_relay(entry))
+            return
         if entry.relay is not None:
             self._relay_client(entry, entry.relay)
             return
@@ -274,10 +306,15 @@ class DataPlane:
         if not chunk:
             self._hand_back(entry, Handback())
             return
-        messages = session.scanner.feed(chunk)
-        if not session.may_link_now(messages):
-            self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
-            return
+        messages: list[ScannedMessage] | None
+        if express_query(chunk, session.config.proxy.max_message_size) and session.express_ready():
+            messages = None  # one whole Query: the scanner stays at its boundary
+            session.express_request(chunk)
+        else:
+            messages = session.scanner.feed(chunk)
+            if not session.may_link_now(messages):
+                self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
+                return
         pool = session.pool
         assert pool is not None
         conn = pool.try_borrow()
@@ -289,7 +326,8 @@ class DataPlane:
                 on_assigned = entry.on_assigned = functools.partial(self._on_assigned, entry)
             waiter = pool.join_queue(on_assigned)
             if waiter is None:  # the pool would open a connection: the task's job
-                self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
+                scanned = _query_messages(chunk) if messages is None else messages
+                self._hand_back(entry, Handback(chunk=chunk, scanned=scanned))
                 return
             entry.waiter, entry.request, entry.queued_at = waiter, (chunk, messages), self._now
             queue = self._queues.get(pool)
@@ -363,9 +401,18 @@ class DataPlane:
                 await trio.sleep_until(next_deadline)
 
     def _start(
-        self, entry: _Parked, conn: ServerConnection, chunk: bytes, messages: list[ScannedMessage]
+        self,
+        entry: _Parked,
+        conn: ServerConnection,
+        chunk: bytes,
+        messages: list[ScannedMessage] | None,
     ) -> None:
         """Link the client to ``conn`` (borrowed for it) and send its request."""
+        if messages is None:
+            if entry.session.link_express(conn):
+                self._start_express(entry, conn, chunk)
+                return
+            messages = _query_messages(chunk)
         relay = entry.session.link_with(conn, messages)
         if relay is None:  # parameters to set first: the task's job (it has ``conn``)
             self._hand_back(entry, Handback(chunk=chunk, scanned=messages))
@@ -377,6 +424,79 @@ class DataPlane:
         entry.server_fd = fd = conn.transport.fileno()
         self._parked[fd] = entry
         self._epoll.register(fd, select.EPOLLIN)
+
+    def _start_express(self, entry: _Parked, conn: ServerConnection, request: bytes) -> None:
+        """Send an express request; its answer is checked in ``_express_ready``."""
+        try:
+            sent = conn.transport.send_nowait(request)
+        except TransportClosed as exc:
+            relay = entry.session.relay_for(conn, request, sent=False)
+            relay.fail(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if not sent:
+            relay = entry.session.relay_for(conn, request, sent=False)
+            relay.pending_count = len(request)
+            self._hand_back(entry, Handback(relay=relay, flush_server=True))
+            return
+        assert self._epoll is not None
+        entry.request = (request, None)
+        entry.express_conn = conn
+        entry.express_sent_at = perf_counter()
+        entry.server_fd = fd = conn.transport.fileno()
+        self._parked[fd] = entry
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _to_relay(self, entry: _Parked) -> Relay:
+        """An express link in flight becomes an ordinary one (its request went out whole;
+        its answer, if any came, is the caller's to pass on)."""
+        conn, entry.express_conn = entry.express_conn, None
+        assert conn is not None
+        try:
+            relay = entry.session.relay_for(conn, entry.request[0], sent=True)
+        except BaseException:
+            conn.close()  # an answer is owed on it: it must never be reused
+            raise
+        entry.relay = relay
+        return relay
+
+    def _express_ready(self, entry: _Parked, conn: ServerConnection) -> None:
+        """The server answers an express request: pass it on and release the connection
+        if it is exactly the expected answer; otherwise the general path takes it."""
+        session = entry.session
+        try:
+            chunk = conn.transport.receive_ready()
+        except TransportClosed as exc:
+            relay = self._to_relay(entry)
+            relay.fail(Outcome.SERVER_FAILED, str(exc))
+            self._hand_back(entry, Handback(relay=relay))
+            return
+        if chunk is None:
+            return
+        errors = express_answer(chunk, session.config.proxy.max_message_size) if chunk else None
+        if errors is None:
+            self._server_chunk(entry, self._to_relay(entry), chunk)
+            return
+        try:
+            sent = session.transport.send_nowait(chunk)
+        except TransportClosed:
+            sent = None
+        if not sent:
+            relay = self._to_relay(entry)
+            data = relay.prepare_to_client(chunk)
+            if sent is None or data is None:
+                relay.fail(Outcome.CLIENT_GONE)
+                self._hand_back(entry, Handback(relay=relay))
+            else:
+                relay.pending_count = len(data)
+                self._hand_back(entry, Handback(relay=relay, flush_client=True))
+            return
+        request = entry.request[0]
+        sent_at = entry.express_sent_at
+        self._unlink(entry)
+        session.express_done(conn, len(request), len(chunk), errors, sent_at)
+        self.transactions += 1
+        self.express += 1
 
     def _relay_client(self, entry: _Parked, relay: Relay) -> None:
         """The client speaks while linked (the next statement of its transaction, a
@@ -433,17 +553,25 @@ class DataPlane:
 
     def _server_ready(self, entry: _Parked) -> None:
         relay = entry.relay
-        assert relay is not None
-        server = relay.server.transport
+        if relay is None:
+            conn = entry.express_conn
+            assert conn is not None
+            self._express_ready(entry, conn)
+            return
         try:
-            chunk = server.receive_ready()
+            chunk = relay.server.transport.receive_ready()
         except TransportClosed as exc:
             relay.fail(Outcome.SERVER_FAILED, str(exc))
             self._hand_back(entry, Handback(relay=relay))
             return
         if chunk is None:
             return
+        self._server_chunk(entry, relay, chunk)
+
+    def _server_chunk(self, entry: _Parked, relay: Relay, chunk: bytes) -> None:
+        """Pass on bytes the server sent on a link (``b""``: it closed)."""
         if not chunk:
+            server = relay.server.transport
             server.broken = True
             relay.fail(Outcome.SERVER_FAILED, "server closed the connection unexpectedly")
             self._hand_back(entry, Handback(relay=relay))

@@ -118,6 +118,12 @@ class ProxyCollector:
             value=proxy.dataplane.transactions,
         )
         yield CounterMetricFamily(
+            "trioproxy_data_plane_express_transactions",
+            "Of the data plane's transactions, those served express: one autocommit SELECT "
+            "as a simple Query, answered whole.",
+            value=proxy.dataplane.express,
+        )
+        yield CounterMetricFamily(
             "trioproxy_data_plane_handbacks",
             "Times the data plane handed a client back to its own task (anything but the "
             "common transaction).",

@@ -40,7 +40,7 @@ from trioproxy._session.sqlscan import (
 )
 
 #: Words without which a statement cannot change session state (cheap pre-filter).
-_TRIGGERS: Final = (
+TRIGGER_WORDS: Final = (
     "set",
     "temp",
     "listen",
@@ -108,7 +108,7 @@ class SessionState:
     def on_sql(self, sql: str) -> list[str]:
         """A Query's text (or a Parse's SQL). Returns the pin reasons newly taken."""
         lowered = sql.lower()
-        for word in _TRIGGERS:  # (a loop, not any(): this runs for every statement)
+        for word in TRIGGER_WORDS:  # (a loop, not any(): this runs for every statement)
             if word in lowered:
                 break
         else:

@@ -1,0 +1,194 @@
+"""Express transactions (trioproxy/_session/express.py): the two predicates, checked
+against what the general path's own scanner, tracker and pinning scanner would do."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trioproxy._protocol.codes import Backend, Frontend
+from trioproxy._protocol.framing import StreamScanner
+from trioproxy._protocol.messages import Parse, Query, Sync, frame
+from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT
+from trioproxy._session.express import express_answer, express_query
+from trioproxy._session.state import SessionState
+from trioproxy._session.tracker import TransactionTracker
+
+LIMIT = 1024 * 1024
+
+
+def q(sql: str) -> bytes:
+    return Query(sql).encode()
+
+
+def test_plain_selects_are_express() -> None:
+    for sql in (
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 42;",
+        "select 1",
+        "  \n\tselect now()  ;  ",
+        "SELECT * FROM t WHERE name = 'x'",
+    ):
+        assert express_query(q(sql), LIMIT), sql
+
+
+def test_anything_else_takes_the_general_path() -> None:
+    for sql in (
+        "begin",
+        "insert into t values (1)",
+        "select 1; select 2",
+        "select 1; begin",
+        "select set_config('search_path', 'x', false)",  # 'set': may change the session
+        "select pg_advisory_lock(1)",
+        "select * into temp t2 from t",
+        "select 'é'",  # not ASCII: decoded the general way
+        "/* comment */ select 1",
+        "with x as (select 1) select * from x",
+    ):
+        assert not express_query(q(sql), LIMIT), sql
+    one = q("select 1")
+    assert not express_query(one + Sync().encode(), LIMIT)  # a second message
+    assert not express_query(one[:-1], LIMIT)  # half a message
+    assert not express_query(frame(Frontend.QUERY, b"select 1\0x\0"), LIMIT)  # NUL inside
+    assert not express_query(Parse("", "select 1").encode(), LIMIT)
+    assert not express_query(q("select 1"), 4)  # over max_message_size
+
+
+SQL_PARTS = st.sampled_from(
+    [
+        "select",
+        "SELECT",
+        " ",
+        "1",
+        ",",
+        ";",
+        "'",
+        '"',
+        "from t",
+        "set",
+        "temp",
+        "listen",
+        "begin",
+        "commit",
+        "prepare",
+        "discard all",
+        "pg_advisory_lock(1)",
+        "&",
+        "--",
+        "/*",
+        "*/",
+        "\\",
+        "\n",
+        "x",
+        "é",
+    ]
+)
+
+
+@given(
+    st.tuples(
+        st.sampled_from(["select ", "SELECT", " \n select", ""]),
+        st.lists(SQL_PARTS, max_size=12).map("".join),
+    ).map("".join)
+)
+def test_an_express_query_is_what_the_general_path_would_forward_untouched(sql: str) -> None:
+    """Whatever the text: if it is express, the client scanner sees exactly one whole
+    Query, and the pinning scanner takes no pin, no pending unpin, no parameter change."""
+    request = q(sql)
+    if not express_query(request, LIMIT):
+        return
+    scanner = StreamScanner(inspect=CLIENT_INSPECT)
+    assert scanner.feed(request) == [(Frontend.QUERY, request[5:], len(request))]
+    assert scanner.at_boundary
+    state = SessionState()
+    assert state.on_sql(sql) == []
+    assert not state.pinned
+    assert not state.pending
+    assert not state.touched
+    assert not state.reset_all
+    assert not state.forgets_statements()
+
+
+ROW_DESCRIPTION = frame(Backend.ROW_DESCRIPTION, b"\0\x01a\0" + bytes(18))
+DATA_ROW = frame(Backend.DATA_ROW, b"\0\x01\0\0\0\x011")
+COMMAND_COMPLETE = frame(Backend.COMMAND_COMPLETE, b"SELECT 1\0")
+ERROR = frame(Backend.ERROR_RESPONSE, b"SERROR\0C22012\0Mdivision by zero\0\0")
+NOTICE = frame(Backend.NOTICE_RESPONSE, b"SNOTICE\0C00000\0Mhello\0\0")
+EMPTY = frame(Backend.EMPTY_QUERY_RESPONSE, b"")
+PARAMETER_STATUS = frame(Backend.PARAMETER_STATUS, b"TimeZone\0UTC\0")
+COPY_OUT = frame(Backend.COPY_OUT_RESPONSE, b"\0\0\0")
+NOTIFICATION = frame(Backend.NOTIFICATION_RESPONSE, b"\0\0\0\x01chan\0\0")
+
+
+def ready(status: bytes) -> bytes:
+    return frame(Backend.READY_FOR_QUERY, status)
+
+
+def test_a_whole_answer_ending_idle_is_express() -> None:
+    assert express_answer(ROW_DESCRIPTION + DATA_ROW + COMMAND_COMPLETE + ready(b"I"), LIMIT) == 0
+    assert express_answer(NOTICE + ERROR + ready(b"I"), LIMIT) == 1
+    assert express_answer(EMPTY + ready(b"I"), LIMIT) == 0
+
+
+def test_any_other_answer_goes_to_the_general_path() -> None:
+    body = ROW_DESCRIPTION + DATA_ROW + COMMAND_COMPLETE
+    for chunk in (
+        body,  # more to come
+        body + ready(b"I")[:-1],  # half a ReadyForQuery
+        body + ready(b"T"),  # a transaction stays open
+        body + ready(b"E"),
+        body + ready(b"I") + NOTICE,  # something after the answer
+        PARAMETER_STATUS + body + ready(b"I"),  # the relay records these
+        COPY_OUT + ready(b"I"),
+        NOTIFICATION + body + ready(b"I"),
+        b"",
+    ):
+        assert express_answer(chunk, LIMIT) is None, chunk
+    assert express_answer(body + ready(b"I"), 8) is None  # a message over the limit
+
+
+ANSWER_PARTS = st.sampled_from(
+    [
+        ROW_DESCRIPTION,
+        DATA_ROW,
+        COMMAND_COMPLETE,
+        ERROR,
+        NOTICE,
+        EMPTY,
+        PARAMETER_STATUS,
+        COPY_OUT,
+        NOTIFICATION,
+        ready(b"I"),
+        ready(b"T"),
+        ready(b"E"),
+    ]
+)
+
+
+@given(
+    st.tuples(
+        st.lists(ANSWER_PARTS, max_size=8).map(b"".join),
+        st.sampled_from([ready(b"I"), ready(b"I"), b""]),
+    ).map(b"".join),
+    st.integers(0, 40),
+)
+def test_an_express_answer_leaves_the_tracker_where_release_is_allowed(
+    chunk: bytes, cut: int
+) -> None:
+    """If an answer is express, the general path (scanner and tracker, after one Query)
+    ends with nothing owed, no transaction, no COPY, nothing the relay acts on but
+    errors, which are counted the same; a cut anywhere makes it not express."""
+    chunk_cut = chunk[: max(0, len(chunk) - cut)] if cut else chunk
+    errors = express_answer(chunk_cut, LIMIT)
+    if errors is None:
+        return
+    scanner = StreamScanner(inspect=SERVER_INSPECT)
+    tracker = TransactionTracker()
+    tracker.client_message(Frontend.QUERY)
+    scanned = scanner.feed(chunk_cut)
+    for type_, body, _end in scanned:
+        assert type_ != Backend.PARAMETER_STATUS
+        tracker.server_message(type_, body)
+    assert scanner.at_boundary
+    assert scanned[-1][2] == len(chunk_cut)
+    assert tracker.releasable
+    assert tracker.errors == errors
