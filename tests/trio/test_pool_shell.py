@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from trioproxy._pool import pool as pool_module
 from trioproxy._pool.budget import PoolLimits
-from trioproxy._pool.pool import RESET_TIMEOUT, BackendPool
+from trioproxy._pool.pool import RECENTLY_USED, RESET_TIMEOUT, BackendPool
 from trioproxy._protocol.codes import Backend, Frontend, TxStatus
 from trioproxy._protocol.messages import CommandComplete, ErrorResponse, ReadyForQuery, frame
 from trioproxy._server.backend import BackendTarget, ServerConnection
@@ -903,9 +903,30 @@ async def test_idle_connections_the_server_closed_are_replaced_before_handoff(
         first = await pool.borrow(5)
         pool.release(first, clean=True)
         fake.kill_idle = True  # e.g. PostgreSQL restarted while the connection sat idle
+        await trio.sleep(1)  # (idle: longer than RECENTLY_USED)
         second = await pool.borrow(5)
         fake.kill_idle = False
         assert second is not first
         assert first.transport.closed
         pool.release(second, clean=True)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_given_back_an_instant_ago_skips_the_liveness_poll(
+    fake: FakeServer, autojump_clock: object
+) -> None:
+    """Handed out again within RECENTLY_USED of its release: no poll() (its last answer
+    was just read to the end); after that, the poll again."""
+    pool = make_pool(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        first = await pool.borrow(5)
+        pool.release(first, clean=True)
+        fake.kill_idle = True  # what the poll would see; not asked
+        assert pool.try_borrow() is first
+        pool.release(first, clean=True)
+        await trio.sleep(RECENTLY_USED)
+        assert pool.try_borrow() is None  # asked now: closed and forgotten
+        assert first.transport.closed
+        fake.kill_idle = False
         nursery.cancel_scope.cancel()

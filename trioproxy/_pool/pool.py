@@ -43,6 +43,10 @@ RESET_TIMEOUT = 5.0
 _PERMANENT_ERROR_CLASSES = ("28", "3D", "42")
 
 
+#: How recently a connection must have been given back to skip the liveness poll.
+RECENTLY_USED = 0.001
+
+
 class _InstanceFull(Exception):
     """(workers = N) No unit for a new connection: the instance is at its cap."""
 
@@ -172,8 +176,17 @@ class BackendPool:
 
     def _usable(self, conn: ServerConnection) -> bool:
         """The liveness check before a connection is handed out: an idle one the server
-        closed (restart, pg_terminate_backend) is closed and forgotten here instead."""
-        if conn.alive and not conn.transport.peer_gone():
+        closed (restart, pg_terminate_backend) is closed and forgotten here instead.
+
+        A connection given back less than ``RECENTLY_USED`` ago skips the ``poll()``: its
+        last answer was read to the end an instant ago, and a server that goes away in
+        that instant is no different from one that goes away during the next query (which
+        the relay handles). Under load that is nearly every hand-out: a syscall less per
+        transaction. (PgBouncer's ``server_check_delay`` is the same idea, at 30 s.)"""
+        if conn.alive and (
+            trio.current_time() - conn.last_used < RECENTLY_USED
+            or not conn.transport.peer_gone()
+        ):
             return True
         logger.info(
             "pool %s: idle server connection %d was closed by the server; replaced",
