@@ -389,3 +389,30 @@ def test_express_link_of_a_cancelled_client_task_is_finished_by_it(proxy_factory
         assert [r.get_value(0, 1) for r in result] == [b"answered"]
         drainer.join(15)
         assert _express(proxy) == express  # handed over mid-request, not counted express
+
+
+def test_express_extended_batches(proxy_factory) -> None:
+    """A query with parameters (the unnamed Parse/Bind/Describe/Execute/Sync batch of
+    libpq) is express too; a named prepared statement is not, and still works."""
+    proxy = proxy_factory(pool=TRANSACTION)
+    with psycopg.connect(
+        proxy.dsn(sslmode="disable"), autocommit=True, prepare_threshold=None
+    ) as conn:
+        conn.execute("select 1")
+        time.sleep(0.1)
+        before = _express(proxy)
+        for i in range(30):
+            assert conn.execute("select %s::int, %s::text", (i, f"n{i}")).fetchone() == (
+                i,
+                f"n{i}",
+            )
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("select 1 / %s::int", (0,))
+        time.sleep(0.1)
+        assert _express(proxy) - before >= 25
+        conn.prepare_threshold = 0  # named statements from now on
+        prepared_before = _express(proxy)
+        for i in range(5):
+            assert conn.execute("select %s::int * 2", (i,)).fetchone() == (i * 2,)
+        time.sleep(0.1)
+        assert _express(proxy) == prepared_before

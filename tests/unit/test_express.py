@@ -8,7 +8,17 @@ from hypothesis import strategies as st
 
 from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.framing import StreamScanner
-from trioproxy._protocol.messages import Parse, Query, Sync, frame
+from trioproxy._protocol.messages import (
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Flush,
+    Parse,
+    Query,
+    Sync,
+    frame,
+)
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT
 from trioproxy._session.express import express_answer, express_query
 from trioproxy._session.state import SessionState
@@ -51,6 +61,49 @@ def test_anything_else_takes_the_general_path() -> None:
     assert not express_query(frame(Frontend.QUERY, b"select 1\0x\0"), LIMIT)  # NUL inside
     assert not express_query(Parse("", "select 1").encode(), LIMIT)
     assert not express_query(q("select 1"), 4)  # over max_message_size
+
+
+def batch(
+    sql: str,
+    *,
+    statement: str = "",
+    portal: str = "",
+    describe: bool = True,
+    max_rows: int = 0,
+    types: tuple[int, ...] = (23,),
+) -> bytes:
+    """The extended batch libpq sends for a query with parameters."""
+    return b"".join(
+        [
+            Parse(statement, sql, types).encode(),
+            Bind(portal, statement, (), (b"42",) * len(types), ()).encode(),
+            *([Describe(b"P", portal).encode()] if describe else []),
+            Execute(portal, max_rows).encode(),
+            Sync().encode(),
+        ]
+    )
+
+
+def test_the_unnamed_extended_batch_of_a_select_is_express() -> None:
+    assert express_query(batch("SELECT abalance FROM pgbench_accounts WHERE aid = $1"), LIMIT)
+    assert express_query(batch("select $1::int", describe=False), LIMIT)
+    assert express_query(batch("select 1", types=()), LIMIT)
+
+
+def test_other_extended_batches_take_the_general_path() -> None:
+    assert not express_query(batch("select $1", statement="s1"), LIMIT)  # named
+    assert not express_query(batch("select $1", portal="p1"), LIMIT)
+    assert not express_query(batch("select $1", max_rows=10), LIMIT)  # PortalSuspended
+    assert not express_query(batch("begin"), LIMIT)
+    assert not express_query(batch("select set_config('a.b', $1, false)"), LIMIT)
+    whole = batch("select $1")
+    assert not express_query(whole[:-5], LIMIT)  # no Sync
+    assert not express_query(whole + Sync().encode(), LIMIT)
+    assert not express_query(whole[:-5] + Flush().encode() + Sync().encode(), LIMIT)
+    assert not express_query(Close(b"S", "").encode() + whole, LIMIT)
+    parse = Parse("", "select $1", (23,)).encode()
+    short = parse[:1] + (len(parse) - 5).to_bytes(4, "big") + parse[5:-4]  # a type missing
+    assert not express_query(short + whole[len(parse) :], LIMIT)
 
 
 SQL_PARTS = st.sampled_from(
@@ -192,3 +245,38 @@ def test_an_express_answer_leaves_the_tracker_where_release_is_allowed(
     assert scanned[-1][2] == len(chunk_cut)
     assert tracker.releasable
     assert tracker.errors == errors
+
+
+@given(
+    st.tuples(
+        st.sampled_from(["select ", "SELECT", " \n select", ""]),
+        st.lists(SQL_PARTS, max_size=12).map("".join),
+    ).map("".join),
+    st.booleans(),
+    st.integers(0, 3),
+)
+def test_an_express_batch_is_what_the_general_path_would_forward_untouched(
+    sql: str, describe: bool, cut: int
+) -> None:
+    """If an extended batch is express, the client scanner sees its five (or four) whole
+    messages, the tracker ends with one answer owed and nothing unsynced, and the pinning
+    scanner takes nothing; a cut anywhere makes it not express."""
+    request = batch(sql, describe=describe)
+    if cut:
+        request = request[: -cut * 3]
+    if not express_query(request, LIMIT):
+        return
+    assert not cut
+    scanner = StreamScanner(inspect=CLIENT_INSPECT)
+    scanned = scanner.feed(request)
+    assert scanner.at_boundary
+    assert scanned[-1] == (Frontend.SYNC, None, len(request))
+    tracker = TransactionTracker()
+    for type_, _body, _end in scanned:
+        tracker.client_message(type_)
+    assert (tracker.owed, tracker.unsynced) == (1, False)
+    state = SessionState()
+    assert state.on_parse("", sql) == []
+    assert not state.pinned
+    assert not state.pending
+    assert not state.touched

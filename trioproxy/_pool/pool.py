@@ -184,8 +184,7 @@ class BackendPool:
         the relay handles). Under load that is nearly every hand-out: a syscall less per
         transaction. (PgBouncer's ``server_check_delay`` is the same idea, at 30 s.)"""
         if conn.alive and (
-            trio.current_time() - conn.last_used < RECENTLY_USED
-            or not conn.transport.peer_gone()
+            trio.current_time() - conn.last_used < RECENTLY_USED or not conn.transport.peer_gone()
         ):
             return True
         logger.info(

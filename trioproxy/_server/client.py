@@ -726,7 +726,18 @@ class ClientSession(ClientAuthentication, ClientParameters):
         """(Data plane) An express request is taken: what ``_on_client_message`` would
         note about it (only the debug_logging line: it changes nothing else)."""
         if self.config.proxy.debug_logging:
-            self._log_statement("query", request[5:-1].decode("ascii"))
+            if request[0] == Frontend.QUERY:
+                self._log_statement("query", request[5:-1].decode("ascii"))
+            else:  # Parse of the unnamed statement: name, then SQL
+                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
+
+    def express_messages(self, request: bytes) -> list[ScannedMessage]:
+        """What this client's scanner, at its boundary, says about an express request
+        (which it was not given: a request of whole messages leaves it where it is)."""
+        scanner = StreamScanner(
+            inspect=CLIENT_INSPECT, max_message_size=self.config.proxy.max_message_size
+        )
+        return scanner.feed(request)
 
     def link_express(self, conn: ServerConnection) -> bool:
         """(Data plane) ``link_with`` for an express request: is ``conn``, borrowed for
@@ -738,7 +749,7 @@ class ClientSession(ClientAuthentication, ClientParameters):
         """(Data plane) The ``Relay`` an express link becomes when the general path must
         go on with it: built, and given the request's accounting (sent to the server, or
         not yet), exactly as if the link had started that way."""
-        messages: list[ScannedMessage] = [(Frontend.QUERY, request[5:], len(request))]
+        messages = self.express_messages(request)
         relay = self._new_relay(conn, messages)
         relay.prepare_to_server(request, messages)
         if sent:

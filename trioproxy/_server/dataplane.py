@@ -54,7 +54,6 @@ import attrs
 import outcome
 import trio
 
-from trioproxy._protocol.codes import Frontend
 from trioproxy._protocol.framing import ScannedMessage
 from trioproxy._server.relay import Outcome, Relay
 from trioproxy._server.transport import TransportClosed
@@ -129,13 +128,8 @@ class _Parked:
             return None
         chunk, messages = self.request
         if messages is None:
-            messages = _query_messages(chunk)
+            messages = self.session.express_messages(chunk)
         return Handback(chunk=chunk, scanned=messages, queued_at=self.queued_at)
-
-
-def _query_messages(request: bytes) -> list[ScannedMessage]:
-    """What the client's scanner says about an express request (one whole Query)."""
-    return [(Frontend.QUERY, request[5:], len(request))]
 
 
 class DataPlane:
@@ -308,7 +302,7 @@ class DataPlane:
             return
         messages: list[ScannedMessage] | None
         if express_query(chunk, session.config.proxy.max_message_size) and session.express_ready():
-            messages = None  # one whole Query: the scanner stays at its boundary
+            messages = None  # whole messages: the scanner stays at its boundary
             session.express_request(chunk)
         else:
             messages = session.scanner.feed(chunk)
@@ -326,7 +320,7 @@ class DataPlane:
                 on_assigned = entry.on_assigned = functools.partial(self._on_assigned, entry)
             waiter = pool.join_queue(on_assigned)
             if waiter is None:  # the pool would open a connection: the task's job
-                scanned = _query_messages(chunk) if messages is None else messages
+                scanned = session.express_messages(chunk) if messages is None else messages
                 self._hand_back(entry, Handback(chunk=chunk, scanned=scanned))
                 return
             entry.waiter, entry.request, entry.queued_at = waiter, (chunk, messages), self._now
@@ -412,7 +406,7 @@ class DataPlane:
             if entry.session.link_express(conn):
                 self._start_express(entry, conn, chunk)
                 return
-            messages = _query_messages(chunk)
+            messages = entry.session.express_messages(chunk)
         relay = entry.session.link_with(conn, messages)
         if relay is None:  # parameters to set first: the task's job (it has ``conn``)
             self._hand_back(entry, Handback(chunk=chunk, scanned=messages))

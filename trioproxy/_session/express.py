@@ -24,11 +24,16 @@ from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._session.state import TRIGGER_WORDS
 
 _INT32: Final = struct.Struct("!i")
+_INT16: Final = struct.Struct("!h")
 _TRIGGERS: Final = tuple(word.encode() for word in TRIGGER_WORDS)
 #: What an autocommit SELECT's answer may hold before its ReadyForQuery: rows, the
-#: command tag (or an empty query), notices, an error. Nothing the relay acts on.
+#: command tag (or an empty query), notices, an error, and for the extended batch the
+#: completions of Parse and Bind, and NoData. Nothing the relay acts on.
 _ANSWER_TYPES: Final = frozenset(
     {
+        Backend.PARSE_COMPLETE,
+        Backend.BIND_COMPLETE,
+        Backend.NO_DATA,
         Backend.ROW_DESCRIPTION,
         Backend.DATA_ROW,
         Backend.COMMAND_COMPLETE,
@@ -41,16 +46,72 @@ _IDLE: Final = ord("I")
 
 
 def express_query(chunk: bytes, max_message_size: int) -> bool:
-    """Is ``chunk`` exactly one simple Query holding one ``SELECT`` that cannot change
-    session state (no pinning trigger word, no second statement)?"""
+    """Is ``chunk`` exactly one request holding one ``SELECT`` that cannot change session
+    state (no pinning trigger word, no second statement)? Either a simple Query, or the
+    unnamed extended batch a driver sends for a query with parameters: Parse (unnamed
+    statement), Bind (unnamed portal and statement), Describe (optional), Execute (all
+    rows), Sync."""
     size = len(chunk)
-    if size < 6 or chunk[0] != Frontend.QUERY or chunk[-1] != 0:
+    if size < 6 or size - 5 > max_message_size:
         return False
-    if _INT32.unpack_from(chunk, 1)[0] != size - 1 or size - 5 > max_message_size:
+    if chunk[0] == Frontend.QUERY:
+        if chunk[-1] != 0 or _INT32.unpack_from(chunk, 1)[0] != size - 1:
+            return False
+        sql = chunk[5:-1]
+        return b"\0" not in sql and _harmless_select(sql)
+    if chunk[0] == Frontend.PARSE:
+        return _express_batch(chunk, max_message_size)
+    return False
+
+
+#: The extended batch's messages after Parse, in order (Describe may be left out).
+_BATCH_REST: Final = (
+    (Frontend.BIND, Frontend.DESCRIBE, Frontend.EXECUTE, Frontend.SYNC),
+    (Frontend.BIND, Frontend.EXECUTE, Frontend.SYNC),
+)
+
+
+def _express_batch(chunk: bytes, max_message_size: int) -> bool:
+    size = len(chunk)
+    limit = max_message_size + 4
+    pos = 0
+    bodies: list[tuple[int, bytes]] = []
+    while pos < size:
+        if size - pos < 5:
+            return False
+        (length,) = _INT32.unpack_from(chunk, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or length > limit or end > size or len(bodies) == 5:
+            return False
+        bodies.append((chunk[pos], chunk[pos + 5 : end]))
+        pos = end
+    types = tuple(type_ for type_, _body in bodies[1:])
+    if types not in _BATCH_REST:
         return False
-    sql = chunk[5:-1]
-    if b"\0" in sql or not sql.isascii():
-        return False  # malformed, or not ASCII: the general path decides
+    parse = bodies[0][1]
+    # Unnamed statement, well formed: name, SQL, parameter type count and types.
+    sql_end = parse.find(b"\0", 1)
+    if not parse or parse[0] != 0 or sql_end < 0 or len(parse) < sql_end + 3:
+        return False
+    (count,) = _INT16.unpack_from(parse, sql_end + 1)
+    if count < 0 or len(parse) != sql_end + 3 + 4 * count:
+        return False
+    for type_, body in bodies[1:]:
+        if type_ == Frontend.BIND and body[:2] != b"\0\0":
+            return False  # a named portal or statement
+        if type_ == Frontend.DESCRIBE and body not in (b"P\0", b"S\0"):
+            return False
+        if type_ == Frontend.EXECUTE and body != b"\0\0\0\0\0":
+            return False  # a named portal, or a row limit (PortalSuspended)
+        if type_ == Frontend.SYNC and body:
+            return False
+    return _harmless_select(parse[1:sql_end])
+
+
+def _harmless_select(sql: bytes) -> bool:
+    """One ASCII statement starting with SELECT, without a pinning trigger word."""
+    if not sql.isascii():
+        return False  # decoded the general way
     lowered = sql.lower()
     if not lowered.lstrip().startswith(b"select"):
         return False
@@ -63,8 +124,8 @@ def express_query(chunk: bytes, max_message_size: int) -> bool:
 
 
 def express_answer(chunk: bytes, max_message_size: int) -> int | None:
-    """If ``chunk`` is exactly a whole answer to one autocommit SELECT (rows, command
-    tag, notices, errors, then ReadyForQuery('I') as its last bytes), the number of
+    """If ``chunk`` is exactly a whole answer to one express request (rows, command tag,
+    notices, errors, then ReadyForQuery('I') as its last bytes), the number of
     ErrorResponses in it; otherwise None."""
     size = len(chunk)
     pos = 0
