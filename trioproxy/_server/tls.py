@@ -28,6 +28,10 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     # PostgreSQL clients negotiate ALPN "postgresql" only for direct TLS (PG17+);
     # offering it is harmless for the SSLRequest flow.
     context.set_alpn_protocols(["postgresql"])
+    # No session tickets, as PostgreSQL itself: libpq never resumes a session, so each
+    # TLS 1.3 login would pay for two tickets (made, encrypted, sent) nobody uses.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     return context
 
 
