@@ -242,28 +242,30 @@ def test_borrow_timeout_counts_from_the_queue_in_the_data_plane(proxy_factory) -
 
 
 @pytest.mark.parametrize(
-    ("method", "sql"),
+    ("where", "sql"),
     [
-        ("may_link_now", "select 'boom'; select 1"),  # the general path
-        ("express_request", "select 'boom'"),  # an express request
+        ("may_link_now", "select 'boom'; select 1"),  # the general path, at the request
+        ("express_answer", "select 'boom'"),  # an express link, at the answer
     ],
 )
 def test_a_bug_met_in_the_data_plane_ends_only_that_client(
-    proxy_factory, monkeypatch, method: str, sql: str
+    proxy_factory, monkeypatch, where: str, sql: str
 ) -> None:
     """An exception while the data plane serves one client (injected here) reaches that
     client's task, which answers it with an ErrorResponse and closes; the data plane
     and every other client carry on."""
+    from trioproxy._server import dataplane
     from trioproxy._server.client import ClientSession
 
-    original = getattr(ClientSession, method)
+    owner = ClientSession if where == "may_link_now" else dataplane
+    original = getattr(owner, where)
 
-    def injected(self, request):  # type: ignore[no-untyped-def]
-        if b"boom" in (request if isinstance(request, bytes) else repr(request).encode()):
+    def injected(*args):  # type: ignore[no-untyped-def]
+        if b"boom" in repr(args).encode():
             raise RuntimeError("injected failure")
-        return original(self, request)
+        return original(*args)
 
-    monkeypatch.setattr(ClientSession, method, injected)
+    monkeypatch.setattr(owner, where, injected)
     proxy = proxy_factory(pool=TRANSACTION)
     with (
         psycopg.connect(proxy.dsn(sslmode="disable"), autocommit=True) as victim,

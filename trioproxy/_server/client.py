@@ -722,15 +722,6 @@ class ClientSession(ClientAuthentication, ClientParameters):
             and not self.proxy.is_paused(self.database)
         )
 
-    def express_request(self, request: bytes) -> None:
-        """(Data plane) An express request is taken: what ``_on_client_message`` would
-        note about it (only the debug_logging line: it changes nothing else)."""
-        if self.config.proxy.debug_logging:
-            if request[0] == Frontend.QUERY:
-                self._log_statement("query", request[5:-1].decode("ascii"))
-            else:  # Parse of the unnamed statement: name, then SQL
-                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
-
     def express_messages(self, request: bytes) -> list[ScannedMessage]:
         """What this client's scanner, at its boundary, says about an express request
         (which it was not given: a request of whole messages leaves it where it is)."""
@@ -757,12 +748,20 @@ class ClientSession(ClientAuthentication, ClientParameters):
         return relay
 
     def express_done(
-        self, conn: ServerConnection, request_size: int, answer: int, errors: int, sent_at: float
+        self, conn: ServerConnection, request: bytes, answer: int, errors: int, sent_at: float
     ) -> None:
         """(Data plane) An express transaction ended at ReadyForQuery('I'): what
-        ``end_link_now`` does for a Relay (statistics, latency, the connection back)."""
+        ``end_link_now`` does for a Relay (statistics, latency, the connection back), and
+        what ``_on_client_message`` would have noted of the request: only debug_logging's
+        line (logged here, at the end, so that a request that turns into a Relay on the
+        way is logged once, by the Relay)."""
+        if self.config.proxy.debug_logging:
+            if request[0] == Frontend.QUERY:
+                self._log_statement("query", request[5:-1].decode("ascii"))
+            else:  # Parse of the unnamed statement: name (empty), then SQL
+                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
         stats = self.proxy.stats
-        stats.bytes_from_clients += request_size
+        stats.bytes_from_clients += len(request)
         stats.bytes_from_servers += answer
         stats.query_requests += 1
         self.proxy.response_latency.observe(perf_counter() - sent_at)

@@ -303,7 +303,6 @@ class DataPlane:
         messages: list[ScannedMessage] | None
         if express_query(chunk, session.config.proxy.max_message_size) and session.express_ready():
             messages = None  # whole messages: the scanner stays at its boundary
-            session.express_request(chunk)
         else:
             messages = session.scanner.feed(chunk)
             if not session.may_link_now(messages):
@@ -488,7 +487,7 @@ class DataPlane:
         request = entry.request[0]
         sent_at = entry.express_sent_at
         self._unlink(entry)
-        session.express_done(conn, len(request), len(chunk), errors, sent_at)
+        session.express_done(conn, request, len(chunk), errors, sent_at)
         self.transactions += 1
         self.express += 1
 
