@@ -457,7 +457,11 @@ class ClientSession(ClientAuthentication, ClientParameters):
         except ProtocolError:
             new = [r] if (r := self.session._pin("unparsable statement", None)) else []
         else:
-            if self.config.proxy.debug_logging and isinstance(message, (Query, Parse)):
+            if (
+                self.config.proxy.debug_logging
+                and not self._logged_already
+                and isinstance(message, (Query, Parse))
+            ):
                 self._log_statement("query" if isinstance(message, Query) else "parse", message.sql)
             if isinstance(message, Query):
                 new = self.session.on_sql(message.sql)
@@ -526,6 +530,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
         if name in TRACKED_PARAMETERS:
             self.parameters[name] = status.value
 
+    #: (relay_for) The request being replayed was logged when it went out express.
+    _logged_already = False
     #: Set while the client is waited for between transactions; the proxy cancels it to
     #: end an idle session at once when a graceful shutdown begins.
     wait_scope: trio.CancelScope | None = None
@@ -730,6 +736,16 @@ class ClientSession(ClientAuthentication, ClientParameters):
         )
         return scanner.feed(request)
 
+    def express_sent(self, request: bytes) -> None:
+        """(Data plane) An express request went out: what ``_on_client_message`` would
+        note about it, which is only debug_logging's line (a Relay it turns into later
+        does not log it again: ``relay_for(sent=True)``)."""
+        if self.config.proxy.debug_logging:
+            if request[0] == Frontend.QUERY:
+                self._log_statement("query", request[5:-1].decode("ascii"))
+            else:  # Parse of the unnamed statement: name (empty), then SQL
+                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
+
     def link_express(self, conn: ServerConnection) -> bool:
         """(Data plane) ``link_with`` for an express request: is ``conn``, borrowed for
         this client, ready for it as it is? (False: the client task sets parameters.)"""
@@ -742,7 +758,11 @@ class ClientSession(ClientAuthentication, ClientParameters):
         not yet), exactly as if the link had started that way."""
         messages = self.express_messages(request)
         relay = self._new_relay(conn, messages)
-        relay.prepare_to_server(request, messages)
+        self._logged_already = sent  # by express_sent()
+        try:
+            relay.prepare_to_server(request, messages)
+        finally:
+            self._logged_already = False
         if sent:
             relay.sent_to_server(len(request))
         return relay
@@ -751,15 +771,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
         self, conn: ServerConnection, request: bytes, answer: int, errors: int, sent_at: float
     ) -> None:
         """(Data plane) An express transaction ended at ReadyForQuery('I'): what
-        ``end_link_now`` does for a Relay (statistics, latency, the connection back), and
-        what ``_on_client_message`` would have noted of the request: only debug_logging's
-        line (logged here, at the end, so that a request that turns into a Relay on the
-        way is logged once, by the Relay)."""
-        if self.config.proxy.debug_logging:
-            if request[0] == Frontend.QUERY:
-                self._log_statement("query", request[5:-1].decode("ascii"))
-            else:  # Parse of the unnamed statement: name (empty), then SQL
-                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
+        ``end_link_now`` does for a Relay (statistics, latency, the connection back). The
+        request's debug_logging line went out with it (``express_sent``)."""
         stats = self.proxy.stats
         stats.bytes_from_clients += len(request)
         stats.bytes_from_servers += answer

@@ -433,6 +433,7 @@ class DataPlane:
             self._hand_back(entry, Handback(relay=relay, flush_server=True))
             return
         assert self._epoll is not None
+        entry.session.express_sent(request)
         entry.request = (request, None)
         entry.express_conn = conn
         entry.express_sent_at = perf_counter()
