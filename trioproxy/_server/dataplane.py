@@ -56,7 +56,7 @@ import trio
 
 from trioproxy._protocol.framing import ScannedMessage
 from trioproxy._server.relay import Outcome, Relay
-from trioproxy._server.transport import TransportClosed
+from trioproxy._server.transport import Transport, TransportClosed
 from trioproxy._session.express import express_answer, express_query
 from trioproxy.errors import ProtocolError
 
@@ -140,6 +140,11 @@ class DataPlane:
         self._task: trio.lowlevel.Task | None = None
         #: fd (a parked client's, or its linked server connection's) -> its entry.
         self._parked: dict[int, _Parked] = {}
+        #: Server sockets left in the epoll between their links (fd -> its transport):
+        #: a connection linked here again and again costs no epoll_ctl per transaction.
+        #: One that becomes readable while not linked here (its next borrower is a
+        #: client task, or the server spoke while it was idle) is taken out at once.
+        self._watched: dict[int, Transport] = {}
         #: Queued entries the pool assigned something to, and the eventfd that wakes us
         #: when that happened in another task.
         self._assigned: deque[_Parked] = deque()
@@ -182,6 +187,7 @@ class DataPlane:
             epoll.close()
             os.close(wake_fd)
             self._assigned.clear()
+            self._watched.clear()
             # Not reached with tasks parked in normal operation (they are cancelled with
             # us); if it is, nobody must sleep forever.
             for entry in list({id(e): e for e in parked.values()}.values()):
@@ -198,7 +204,9 @@ class DataPlane:
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(wake_fd)
                         self._wake_pending = False
-                    continue  # (or handed back earlier in this batch)
+                    else:  # a watched server socket not linked here (or gone meanwhile)
+                        self._unwatch(fd)
+                    continue
                 try:
                     if fd == entry.client_fd:
                         entry.session.last_active = now
@@ -252,13 +260,32 @@ class DataPlane:
             pool.leave_queue(waiter)
 
     def _unlink(self, entry: _Parked) -> None:
+        """The link ends here: its server socket stays watched (see ``_watched``)."""
         fd, entry.server_fd, entry.relay = entry.server_fd, -1, None
         entry.express_conn = None
-        if fd >= 0 and self._parked.pop(fd, None) is not None and self._epoll is not None:
-            try:  # noqa: SIM105 - per transaction: no context manager
+        if fd >= 0:
+            self._parked.pop(fd, None)
+
+    def _watch(self, fd: int, transport: Transport) -> None:
+        """Make sure a server socket being linked here is in the epoll."""
+        if self._watched.get(fd) is transport:
+            return  # still in since its last link here
+        assert self._epoll is not None
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # (in, for a transport of the past: the kernel kept it)
+            self._epoll.modify(fd, select.EPOLLIN)
+        self._watched[fd] = transport
+
+    def _unwatch(self, fd: int) -> None:
+        """Take out a watched server socket (its reader is elsewhere now). A descriptor
+        closed meanwhile left the epoll by itself."""
+        self._watched.pop(fd, None)
+        if self._epoll is not None:
+            try:  # noqa: SIM105 - per event: no context manager
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
-                pass  # closed meanwhile: the kernel dropped it
+                pass
 
     def _hand_back(self, entry: _Parked, handback: Handback) -> None:
         self.handbacks += 1
@@ -412,11 +439,10 @@ class DataPlane:
             return
         if not self._forward(entry, relay, chunk, messages, from_boundary=True):
             return
-        assert self._epoll is not None
         entry.relay = relay
         entry.server_fd = fd = conn.transport.fileno()
         self._parked[fd] = entry
-        self._epoll.register(fd, select.EPOLLIN)
+        self._watch(fd, conn.transport)
 
     def _start_express(self, entry: _Parked, conn: ServerConnection, request: bytes) -> None:
         """Send an express request; its answer is checked in ``_express_ready``."""
@@ -432,14 +458,13 @@ class DataPlane:
             relay.pending_count = len(request)
             self._hand_back(entry, Handback(relay=relay, flush_server=True))
             return
-        assert self._epoll is not None
         entry.session.express_sent(request)
         entry.request = (request, None)
         entry.express_conn = conn
         entry.express_sent_at = perf_counter()
         entry.server_fd = fd = conn.transport.fileno()
         self._parked[fd] = entry
-        self._epoll.register(fd, select.EPOLLIN)
+        self._watch(fd, conn.transport)
 
     def _to_relay(self, entry: _Parked) -> Relay:
         """An express link in flight becomes an ordinary one (its request went out whole;
