@@ -352,22 +352,6 @@ class ClientSession(ClientAuthentication, ClientParameters):
             return
         tracker = self.tracker
         session_mode = self.pool_mode is PoolMode.SESSION
-        if (
-            tracker.owed == 0
-            and not tracker.unsynced
-            and tracker.tx_status is TxStatus.IDLE
-            and not tracker.copy_both
-            and not self._mapping
-            and not self._reset_server
-            and not session_mode
-            and not self.session.pinned
-            and self.scanner.at_boundary
-        ):
-            # The end of almost every transaction: link_state() below would say IDLE,
-            # and the table REUSE; said here without building its arguments.
-            self.pool.release(conn, clean=True)
-            self.tracker = TransactionTracker()
-            return
         state = link_state(
             sending=False,
             client_at_boundary=self.scanner.at_boundary,
@@ -438,50 +422,42 @@ class ClientSession(ClientAuthentication, ClientParameters):
     def _on_client_message(self, type_: int, body: bytes | None) -> None:
         if body is None:
             return
-        if (
-            type_ == Frontend.QUERY
-            and not self.config.proxy.debug_logging
-            and body.find(b"\0") == len(body) - 1
-            and body.isascii()
-        ):
-            # The hot path (a simple Query, ASCII, well formed): what the general branch
-            # below does for a Query, without building the message object.
-            new = self.session.on_sql(body[:-1].decode("ascii"))
-            if self.session.pending and self.session.forgets_statements():
-                self._forget_statements()
-            if new and self.pool_mode is PoolMode.TRANSACTION:
-                self._pinned(new)
-            return
-        try:
-            message = _decode_inspected(type_, body)
-        except ProtocolError:
-            new = [r] if (r := self.session._pin("unparsable statement", None)) else []
+        if type_ == Frontend.QUERY and body.find(b"\0") == len(body) - 1 and body.isascii():
+            # The common case, without building the message object.
+            new = self._on_query(body[:-1].decode("ascii"))
         else:
-            if (
-                self.config.proxy.debug_logging
-                and not self._logged_already
-                and isinstance(message, (Query, Parse))
-            ):
-                self._log_statement("query" if isinstance(message, Query) else "parse", message.sql)
-            if isinstance(message, Query):
-                new = self.session.on_sql(message.sql)
-                if self.session.forgets_statements():
-                    self._forget_statements()
-            elif isinstance(message, Parse):
-                # Virtualised (message mode) statements move freely: no pin.
-                name = "" if self._mapping else message.name
-                new = self.session.on_parse(name, message.sql)
-            elif isinstance(message, Close) and message.kind == b"S":
-                self.session.on_close_statement(message.name)
-                new = []
-            else:
-                new = []
+            new = self._on_other_message(type_, body)
         if new and self.pool_mode is PoolMode.TRANSACTION:
             self._pinned(new)
 
+    def _on_query(self, sql: str) -> list[str]:
+        self._log_statement("query", sql)
+        new = self.session.on_sql(sql)
+        if self.session.forgets_statements():
+            self._forget_statements()
+        return new
+
+    def _on_other_message(self, type_: int, body: bytes) -> list[str]:
+        try:
+            message = _decode_inspected(type_, body)
+        except ProtocolError:
+            return [r] if (r := self.session._pin("unparsable statement", None)) else []
+        if isinstance(message, Query):
+            return self._on_query(message.sql)
+        if isinstance(message, Parse):
+            self._log_statement("parse", message.sql)
+            # Virtualised (message mode) statements move freely: no pin.
+            name = "" if self._mapping else message.name
+            return self.session.on_parse(name, message.sql)
+        if isinstance(message, Close) and message.kind == b"S":
+            self.session.on_close_statement(message.name)
+        return []
+
     def _log_statement(self, kind: str, sql: str) -> None:
         """debug_logging: one line per statement, literals removed (no values, no secrets
-        typed into SQL)."""
+        typed into SQL); not again for a request logged when it went out express."""
+        if not self.config.proxy.debug_logging or self._logged_already:
+            return
         logger.debug(
             "client %d: %s %s",
             self.id,
@@ -740,11 +716,12 @@ class ClientSession(ClientAuthentication, ClientParameters):
         """(Data plane) An express request went out: what ``_on_client_message`` would
         note about it, which is only debug_logging's line (a Relay it turns into later
         does not log it again: ``relay_for(sent=True)``)."""
-        if self.config.proxy.debug_logging:
-            if request[0] == Frontend.QUERY:
-                self._log_statement("query", request[5:-1].decode("ascii"))
-            else:  # Parse of the unnamed statement: name (empty), then SQL
-                self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
+        if not self.config.proxy.debug_logging:
+            return
+        if request[0] == Frontend.QUERY:
+            self._log_statement("query", request[5:-1].decode("ascii"))
+        else:  # Parse of the unnamed statement: name (empty), then SQL
+            self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
 
     def link_express(self, conn: ServerConnection) -> bool:
         """(Data plane) ``link_with`` for an express request: is ``conn``, borrowed for

@@ -189,25 +189,9 @@ class ClientParameters(SessionBase):
         _REPORTED_BYTES[key] = (defaults, data)
         return data
 
-    #: This client's parameters as the server spells their names, and the items they
-    #: were made from (remade when those change).
-    _spelled: tuple[tuple[tuple[str, str], ...], dict[str, str]] = ((), {})
-
     def _parameters_in_sync(self, conn: ServerConnection) -> bool:
         """Does the server connection already have this client's session parameters?
         (Asked before every transaction, so sync and cheap: the usual answer is yes.)"""
-        items = tuple(self.parameters.items())
-        key, spelled = self._spelled
-        if key != items:
-            spelled = {_SERVER_SPELLING.get(name, name): value for name, value in items}
-            self._spelled = (items, spelled)
-        # Every value equal under the server's spelling: one subset test, in C.
-        if spelled.items() <= conn.parameters.items():
-            return self.extra_parameters == conn.extra_parameters
-        return self._parameters_in_sync_slowly(conn)
-
-    def _parameters_in_sync_slowly(self, conn: ServerConnection) -> bool:
-        """``_parameters_in_sync`` name by name (a name the server spells otherwise)."""
         server_values = conn.parameters  # as the server spells the names (TimeZone)
         for name, value in self.parameters.items():
             # Look the name up as PostgreSQL spells it, and only if that misses,

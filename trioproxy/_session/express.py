@@ -21,11 +21,10 @@ import struct
 from typing import Final
 
 from trioproxy._protocol.codes import Backend, Frontend
-from trioproxy._session.state import TRIGGER_WORDS
+from trioproxy._session.state import has_trigger_word
 
 _INT32: Final = struct.Struct("!i")
 _INT16: Final = struct.Struct("!h")
-_TRIGGERS: Final = tuple(word.encode() for word in TRIGGER_WORDS)
 #: What an autocommit SELECT's answer may hold before its ReadyForQuery: rows, the
 #: command tag (or an empty query), notices, an error, and for the extended batch the
 #: completions of Parse and Bind, and NoData. Nothing the relay acts on.
@@ -112,15 +111,12 @@ def _harmless_select(sql: bytes) -> bool:
     """One ASCII statement starting with SELECT, without a pinning trigger word."""
     if not sql.isascii():
         return False  # decoded the general way
-    lowered = sql.lower()
-    if not lowered.lstrip().startswith(b"select"):
+    lowered = sql.decode("ascii").lower()
+    if not lowered.lstrip().startswith("select"):
         return False
-    if b";" in lowered.rstrip(b" \t\r\n;"):
+    if ";" in lowered.rstrip(" \t\r\n;"):
         return False  # a second statement (or a quoted ';': not worth telling apart)
-    for word in _TRIGGERS:  # noqa: SIM110 - a loop, not any(): per transaction
-        if word in lowered:
-            return False
-    return True
+    return not has_trigger_word(lowered)  # the pinning scanner's own pre-filter
 
 
 def express_answer(chunk: bytes, max_message_size: int) -> int | None:

@@ -53,6 +53,16 @@ TRIGGER_WORDS: Final = (
     "close",
     "&",
 )
+
+
+def has_trigger_word(lowered: str) -> bool:
+    """Does lower-cased SQL hold a word without which it cannot change session state?"""
+    for word in TRIGGER_WORDS:  # noqa: SIM110 - a loop, not any(): per statement
+        if word in lowered:
+            return True
+    return False
+
+
 UNTERMINATED: Final = "unterminated quote or comment"
 #: Marker in ``pending``: a rollback happened after some unpins (they may be undone).
 _ROLLED_BACK: Final = "\0rolled back"
@@ -108,12 +118,10 @@ class SessionState:
     def on_sql(self, sql: str) -> list[str]:
         """A Query's text (or a Parse's SQL). Returns the pin reasons newly taken."""
         lowered = sql.lower()
-        for word in TRIGGER_WORDS:  # (a loop, not any(): this runs for every statement)
-            if word in lowered:
-                break
-        else:
-            if not (self.pending and ("rollback" in lowered or "abort" in lowered)):
-                return []
+        if not has_trigger_word(lowered) and not (
+            self.pending and ("rollback" in lowered or "abort" in lowered)
+        ):
+            return []
         new: list[str] = []
         if "\\" in sql:
             # With standard_conforming_strings off a backslash escapes a quote, so the
