@@ -397,7 +397,8 @@ def test_express_link_of_a_cancelled_client_task_is_finished_by_it(proxy_factory
 
 def test_express_extended_batches(proxy_factory) -> None:
     """A query with parameters (the unnamed Parse/Bind/Describe/Execute/Sync batch of
-    libpq) is express too; a named prepared statement is not, and still works."""
+    libpq) is express too, and so is a run of a named prepared SELECT once the server
+    connection holds it; named statements that may change the session are not."""
     proxy = proxy_factory(pool=TRANSACTION)
     with psycopg.connect(
         proxy.dsn(sslmode="disable"), autocommit=True, prepare_threshold=None
@@ -416,7 +417,19 @@ def test_express_extended_batches(proxy_factory) -> None:
         assert _express(proxy) - before >= 25
         conn.prepare_threshold = 0  # named statements from now on
         prepared_before = _express(proxy)
-        for i in range(5):
+        for i in range(30):
             assert conn.execute("select %s::int * 2", (i,)).fetchone() == (i * 2,)
+        with pytest.raises(errors.DivisionByZero):
+            conn.execute("select 2 / %s::int", (0,))  # an error in an express run
+        assert conn.execute("select 2 / %s::int", (1,)).fetchone() == (2,)
         time.sleep(0.1)
-        assert _express(proxy) == prepared_before
+        # Each server connection gets the statement on its first run (general path).
+        assert _express(proxy) - prepared_before >= 20
+        conn.execute("create table if not exists express_t (a int)")
+        writes = _express(proxy)
+        for i in range(5):
+            assert conn.execute("insert into express_t values (%s) returning a", (i,)).fetchone()
+        time.sleep(0.1)
+        assert _express(proxy) == writes
+        conn.execute("select set_config('application_name', %s, false)", ("a",))
+        assert conn.execute("show application_name").fetchone() == ("a",)  # pinned

@@ -20,7 +20,8 @@ from trioproxy._protocol.messages import (
     frame,
 )
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT
-from trioproxy._session.express import express_answer, express_query
+from trioproxy._session.express import express_answer, express_bind, express_query
+from trioproxy._session.prepared import ServerStatements, StatementDef, StatementMapper
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import TransactionTracker
 
@@ -280,3 +281,96 @@ def test_an_express_batch_is_what_the_general_path_would_forward_untouched(
     assert not state.pinned
     assert not state.pending
     assert not state.touched
+
+
+def run_batch(
+    statement: str,
+    *,
+    portal: str = "",
+    describe: bytes | None = b"P",
+    max_rows: int = 0,
+    values: tuple[bytes | None, ...] = (b"42",),
+) -> bytes:
+    """The batch libpq sends to run a statement prepared under a name."""
+    return b"".join(
+        [
+            Bind(portal, statement, (), values, ()).encode(),
+            *([Describe(describe, portal).encode()] if describe else []),
+            Execute(portal, max_rows).encode(),
+            Sync().encode(),
+        ]
+    )
+
+
+def test_the_run_of_a_named_statement_is_an_express_bind() -> None:
+    request = run_batch("P0_1")
+    found = express_bind(request, LIMIT)
+    assert found is not None
+    name, start, end = found
+    assert name == "P0_1"
+    bind = Bind("", "P0_1", (), (b"42",), ()).encode()
+    assert (request[:start], end) == (bind[: 5 + len("\0P0_1\0")], len(bind))
+    assert express_bind(run_batch("P0_1", describe=None), LIMIT) is not None
+
+
+def test_other_runs_take_the_general_path() -> None:
+    assert express_bind(run_batch(""), LIMIT) is None  # the unnamed statement
+    assert express_bind(run_batch("s", portal="p"), LIMIT) is None
+    assert express_bind(run_batch("s", max_rows=10), LIMIT) is None
+    assert express_bind(run_batch("s", describe=b"S"), LIMIT) is None  # names it again
+    whole = run_batch("s")
+    assert express_bind(whole[:-5], LIMIT) is None  # no Sync
+    assert express_bind(whole + Sync().encode(), LIMIT) is None
+    assert express_bind(Parse("s", "select 1").encode() + whole, LIMIT) is None
+    assert express_bind(batch("select $1"), LIMIT) is None
+    assert express_bind(whole, 8) is None  # over max_message_size
+    bad_name = whole.replace(b"\0s\0", b"\0\xff\0", 1)
+    assert express_bind(bad_name, LIMIT) is None  # not UTF-8: the general path's error
+
+
+def test_a_statement_may_go_express_when_its_sql_is_an_express_select() -> None:
+    assert StatementDef.from_parse("SELECT abalance FROM a WHERE aid = $1;", (23,)).express
+    for sql in ("insert into t values ($1)", "select set_config('a.b', $1, false)", "select 'é'"):
+        assert not StatementDef.from_parse(sql, ()).express, sql
+
+
+@given(
+    st.text(min_size=1, max_size=8).filter(lambda s: "\0" not in s),
+    st.lists(st.one_of(st.none(), st.binary(max_size=6)), max_size=3).map(tuple),
+    st.sampled_from([b"P", None]),
+)
+def test_an_express_bind_sends_what_the_statement_mapper_would(
+    name: str, values: tuple[bytes | None, ...], describe: bytes | None
+) -> None:
+    """Rewritten for a server connection that holds the statement, an express Bind's
+    request is byte for byte what ``LinkedMapper`` makes of it, and every answer to it
+    passes the mapper untouched: nothing is swallowed or translated."""
+    definition = StatementDef.from_parse("select $1", (23,))
+    mapper = StatementMapper({name: definition})
+    held = ServerStatements(8)
+    held.add(definition.server_name)
+    request = run_batch(name, describe=describe, values=values)
+    found = express_bind(request, LIMIT)
+    assert found is not None
+    _name, start, end = found
+    express = definition.bind_message(b"", request[start:end]) + request[end:]
+    linked = mapper.link(held)
+    general = b"".join(
+        linked.client_message(type_, body, raw) for type_, body, raw in _messages(request)
+    )
+    assert express == general
+    for answer in (b"2", b"T", b"D", b"C", b"Z"):
+        raw = frame(ord(answer), b"")
+        assert linked.server_message(ord(answer), raw) == raw
+    assert linked.idle
+
+
+def _messages(request: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(type, body, raw) of each whole message in ``request``."""
+    out = []
+    pos = 0
+    while pos < len(request):
+        end = pos + 1 + int.from_bytes(request[pos + 1 : pos + 5], "big")
+        out.append((request[pos], request[pos + 5 : end], request[pos:end]))
+        pos = end
+    return out

@@ -52,11 +52,12 @@ from trioproxy._server.dataplane import Handback
 from trioproxy._server.parameters import ClientParameters
 from trioproxy._server.relay import CLIENT_INSPECT, SERVER_INSPECT, Outcome, Relay
 from trioproxy._server.transport import Transport, TransportClosed
+from trioproxy._session.express import express_bind
 from trioproxy._session.link import DISPOSITION, Disposition, LinkState, link_state
 from trioproxy._session.pinning import (
     TRACKED_PARAMETERS,
 )
-from trioproxy._session.prepared import LinkedMapper, StatementMapper
+from trioproxy._session.prepared import LinkedMapper, StatementDef, StatementMapper
 from trioproxy._session.sqlscan import fingerprint, split_statements
 from trioproxy._session.state import SessionState
 from trioproxy._session.tracker import EXTENDED, TransactionTracker
@@ -118,6 +119,9 @@ class ClientSession(ClientAuthentication, ClientParameters):
         #: This client's protocol-level prepared statements (virtualised in transaction mode).
         self.statements = StatementMapper()
         self._mapping = False
+        #: (express_bound -> link_express) The statement an express Bind runs, and where
+        #: its parameters start and end in the request.
+        self._express_bind: tuple[StatementDef, int, int] | None = None
         self._reset_server = False
         self._relay_in_progress: Relay | None = None
         self.process_id = 0
@@ -687,7 +691,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
     def express_ready(self) -> bool:
         """(Data plane, between transactions) May a request be served express? Only when
         none of the session's state is in play: transaction mode, no pin or pending
-        unpin, no statements to map, no parameters to read back, nothing for this task."""
+        unpin, no parameters to read back, nothing for this task. (Prepared statements
+        are fine: an express request either names none or one the server holds.)"""
         session = self.session
         return (
             self.server is None
@@ -696,13 +701,25 @@ class ClientSession(ClientAuthentication, ClientParameters):
             and not session.pending
             and not session.touched
             and not session.reset_all
-            and not self.statements.statements
             and not self._reset_server
             and self.pool_mode is PoolMode.TRANSACTION
             and not self.proxy.draining
             and self.kill_reason is None
             and not self.proxy.is_paused(self.database)
         )
+
+    def express_bound(self, request: bytes) -> bool:
+        """(Data plane) Is ``request`` a run of a statement this client prepared whose
+        Bind may go express (``express_bind``, ``StatementDef.express``)? Noted for
+        ``link_express``."""
+        found = express_bind(request, self.config.proxy.max_message_size)
+        if found is None:
+            return False
+        definition = self.statements.statements.get(found[0])
+        if definition is None or not definition.express:
+            return False
+        self._express_bind = (definition, found[1], found[2])
+        return True
 
     def express_messages(self, request: bytes) -> list[ScannedMessage]:
         """What this client's scanner, at its boundary, says about an express request
@@ -720,28 +737,44 @@ class ClientSession(ClientAuthentication, ClientParameters):
             return
         if request[0] == Frontend.QUERY:
             self._log_statement("query", request[5:-1].decode("ascii"))
-        else:  # Parse of the unnamed statement: name (empty), then SQL
+        elif request[0] == Frontend.PARSE:  # the unnamed statement: name (empty), then SQL
             self._log_statement("parse", request[6 : request.index(b"\0", 6)].decode("ascii"))
 
-    def link_express(self, conn: ServerConnection) -> bool:
-        """(Data plane) ``link_with`` for an express request: is ``conn``, borrowed for
-        this client, ready for it as it is? (False: the client task sets parameters.)"""
+    def link_express(self, conn: ServerConnection, request: bytes) -> bytes | None:
+        """(Data plane) ``link_with`` for an express request: the bytes to send on
+        ``conn``, borrowed for this client, if it is ready for them as it is; None when
+        the general path must go first (parameters to set, a statement to prepare).
+        A Bind names the server's statement, exactly as ``LinkedMapper`` would."""
         self.server = conn
-        return not conn.transport.buffered and self._parameters_in_sync(conn)
+        if conn.transport.buffered or not self._parameters_in_sync(conn):
+            return None
+        if request[0] != Frontend.BIND:
+            return request
+        assert self._express_bind is not None
+        definition, start, end = self._express_bind
+        held = conn.statements
+        if definition.server_name not in held:
+            return None
+        held.touch(definition.server_name)
+        return definition.bind_message(b"", request[start:end]) + request[end:]
 
     def relay_for(self, conn: ServerConnection, request: bytes, *, sent: bool) -> Relay:
         """(Data plane) The ``Relay`` an express link becomes when the general path must
         go on with it: built, and given the request's accounting (sent to the server, or
-        not yet), exactly as if the link had started that way."""
+        held in its transport to be flushed), exactly as if the link had started that
+        way. The bytes it prepares are the ones ``link_express`` sent."""
         messages = self.express_messages(request)
         relay = self._new_relay(conn, messages)
         self._logged_already = sent  # by express_sent()
         try:
-            relay.prepare_to_server(request, messages)
+            data = relay.prepare_to_server(request, messages)
         finally:
             self._logged_already = False
-        if sent:
-            relay.sent_to_server(len(request))
+        if data is not None:
+            if sent:
+                relay.sent_to_server(len(data))
+            else:
+                relay.pending_count = len(data)
         return relay
 
     def express_done(

@@ -328,7 +328,10 @@ class DataPlane:
             self._hand_back(entry, Handback())
             return
         messages: list[ScannedMessage] | None
-        if express_query(chunk, session.config.proxy.max_message_size) and session.express_ready():
+        if (
+            express_query(chunk, session.config.proxy.max_message_size)
+            or session.express_bound(chunk)
+        ) and session.express_ready():
             messages = None  # whole messages: the scanner stays at its boundary
         else:
             messages = session.scanner.feed(chunk)
@@ -429,8 +432,9 @@ class DataPlane:
     ) -> None:
         """Link the client to ``conn`` (borrowed for it) and send its request."""
         if messages is None:
-            if entry.session.link_express(conn):
-                self._start_express(entry, conn, chunk)
+            data = entry.session.link_express(conn, chunk)
+            if data is not None:
+                self._start_express(entry, conn, chunk, data)
                 return
             messages = entry.session.express_messages(chunk)
         relay = entry.session.link_with(conn, messages)
@@ -444,18 +448,20 @@ class DataPlane:
         self._parked[fd] = entry
         self._watch(fd, conn.transport)
 
-    def _start_express(self, entry: _Parked, conn: ServerConnection, request: bytes) -> None:
-        """Send an express request; its answer is checked in ``_express_ready``."""
+    def _start_express(
+        self, entry: _Parked, conn: ServerConnection, request: bytes, data: bytes
+    ) -> None:
+        """Send an express request (``data``: as the server gets it); its answer is
+        checked in ``_express_ready``."""
         try:
-            sent = conn.transport.send_nowait(request)
+            sent = conn.transport.send_nowait(data)
         except TransportClosed as exc:
             relay = entry.session.relay_for(conn, request, sent=False)
             relay.fail(Outcome.SERVER_FAILED, f"could not send to server: {exc}")
             self._hand_back(entry, Handback(relay=relay))
             return
-        if not sent:
+        if not sent:  # the transport holds the rest
             relay = entry.session.relay_for(conn, request, sent=False)
-            relay.pending_count = len(request)
             self._hand_back(entry, Handback(relay=relay, flush_server=True))
             return
         entry.session.express_sent(request)

@@ -57,7 +57,7 @@ def express_query(chunk: bytes, max_message_size: int) -> bool:
         if chunk[-1] != 0 or _INT32.unpack_from(chunk, 1)[0] != size - 1:
             return False
         sql = chunk[5:-1]
-        return b"\0" not in sql and _harmless_select(sql)
+        return b"\0" not in sql and harmless_select(sql)
     if chunk[0] == Frontend.PARSE:
         return _express_batch(chunk, max_message_size)
     return False
@@ -70,22 +70,44 @@ _BATCH_REST: Final = (
 )
 
 
-def _express_batch(chunk: bytes, max_message_size: int) -> bool:
+def _split(chunk: bytes, max_message_size: int) -> list[tuple[int, bytes]] | None:
+    """The (type, body) of each of at most five whole messages that ``chunk`` is exactly."""
     size = len(chunk)
     limit = max_message_size + 4
     pos = 0
     bodies: list[tuple[int, bytes]] = []
     while pos < size:
         if size - pos < 5:
-            return False
+            return None
         (length,) = _INT32.unpack_from(chunk, pos + 1)
         end = pos + 1 + length
         if length < 4 or length > limit or end > size or len(bodies) == 5:
-            return False
+            return None
         bodies.append((chunk[pos], chunk[pos + 5 : end]))
         pos = end
-    types = tuple(type_ for type_, _body in bodies[1:])
-    if types not in _BATCH_REST:
+    return bodies
+
+
+def _plain_from_bind(bodies: list[tuple[int, bytes]]) -> bool:
+    """Are ``bodies`` Bind (unnamed portal), Describe (optional), Execute (all rows),
+    Sync? (Bind's statement is the caller's to check.)"""
+    if tuple(type_ for type_, _body in bodies) not in _BATCH_REST:
+        return False
+    for type_, body in bodies:
+        if type_ == Frontend.BIND and body[:1] != b"\0":
+            return False  # a named portal
+        if type_ == Frontend.DESCRIBE and body not in (b"P\0", b"S\0"):
+            return False
+        if type_ == Frontend.EXECUTE and body != b"\0\0\0\0\0":
+            return False  # a named portal, or a row limit (PortalSuspended)
+        if type_ == Frontend.SYNC and body:
+            return False
+    return True
+
+
+def _express_batch(chunk: bytes, max_message_size: int) -> bool:
+    bodies = _split(chunk, max_message_size)
+    if bodies is None or len(bodies) < 2 or not _plain_from_bind(bodies[1:]):
         return False
     parse = bodies[0][1]
     # Unnamed statement, well formed: name, SQL, parameter type count and types.
@@ -95,19 +117,36 @@ def _express_batch(chunk: bytes, max_message_size: int) -> bool:
     (count,) = _INT16.unpack_from(parse, sql_end + 1)
     if count < 0 or len(parse) != sql_end + 3 + 4 * count:
         return False
-    for type_, body in bodies[1:]:
-        if type_ == Frontend.BIND and body[:2] != b"\0\0":
-            return False  # a named portal or statement
-        if type_ == Frontend.DESCRIBE and body not in (b"P\0", b"S\0"):
-            return False
-        if type_ == Frontend.EXECUTE and body != b"\0\0\0\0\0":
-            return False  # a named portal, or a row limit (PortalSuspended)
-        if type_ == Frontend.SYNC and body:
-            return False
-    return _harmless_select(parse[1:sql_end])
+    if bodies[1][1][:2] != b"\0\0":
+        return False  # Bind of a named statement
+    return harmless_select(parse[1:sql_end])
 
 
-def _harmless_select(sql: bytes) -> bool:
+def express_bind(chunk: bytes, max_message_size: int) -> tuple[str, int, int] | None:
+    """Is ``chunk`` exactly the batch a driver sends to run a statement it prepared under
+    a name: Bind (unnamed portal, named statement), Describe of the portal (optional),
+    Execute (all rows), Sync? If so, the statement's name, and where in ``chunk`` Bind's
+    parameters (what follows the two names) start and end. Whether the statement itself
+    may go express is the caller's to know (``StatementDef.express``)."""
+    if not chunk or chunk[0] != Frontend.BIND:
+        return None
+    bodies = _split(chunk, max_message_size)
+    if bodies is None or not _plain_from_bind(bodies):
+        return None
+    bind = bodies[0][1]
+    if bodies[1] == (Frontend.DESCRIBE, b"S\0"):
+        return None  # the statement's Describe would need its server name too
+    name_end = bind.find(b"\0", 1)
+    if name_end <= 1:
+        return None  # unterminated, or the unnamed statement
+    try:
+        name = bind[1:name_end].decode()
+    except UnicodeDecodeError:
+        return None
+    return name, 5 + name_end + 1, 5 + len(bind)
+
+
+def harmless_select(sql: bytes) -> bool:
     """One ASCII statement starting with SELECT, without a pinning trigger word."""
     if not sql.isascii():
         return False  # decoded the general way

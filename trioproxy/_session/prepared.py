@@ -35,6 +35,7 @@ import attrs
 
 from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.messages import Close, Parse, frame
+from trioproxy._session.express import harmless_select
 from trioproxy.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ class StatementDef:
     sql: str
     param_types: tuple[int, ...]
     server_name: str
+    #: May a Bind of it be served express (trioproxy/_session/express.py)? Decided once,
+    #: at Parse: a single SELECT without a pinning trigger word.
+    express: bool = attrs.field(default=False, eq=False)
 
     @classmethod
     def from_parse(cls, sql: str, param_types: tuple[int, ...]) -> StatementDef:
@@ -71,10 +75,22 @@ class StatementDef:
             sql.encode() + b"\0" + b",".join(str(t).encode() for t in param_types),
             usedforsecurity=False,
         ).hexdigest()[:24]
-        return cls(sql, param_types, f"_tp{digest}")
+        return cls(sql, param_types, f"_tp{digest}", express=_express_sql(sql))
 
     def parse_message(self) -> bytes:
         return Parse(self.server_name, self.sql, self.param_types).encode()
+
+    def bind_message(self, portal: bytes, parameters: bytes) -> bytes:
+        """A client's Bind of this statement, as the server gets it: the server name
+        instead of the client's, and ``parameters`` (all that followed the two names)."""
+        return frame(Frontend.BIND, portal + b"\0" + self.server_name.encode() + b"\0" + parameters)
+
+
+def _express_sql(sql: str) -> bool:
+    try:
+        return harmless_select(sql.encode("ascii"))
+    except UnicodeEncodeError:
+        return False
 
 
 class ServerStatements:
@@ -239,8 +255,7 @@ class LinkedMapper:
                 return None
             self._ensure(definition, out)
             self.expect.append(Expect(Frontend.BIND))
-            new_body = portal.encode() + b"\0" + definition.server_name.encode() + b"\0"
-            return frame(Frontend.BIND, new_body + body[rest:])
+            return definition.bind_message(portal.encode(), body[rest:])
         kind = body[:1]
         name, _ = _cstring(body, 1)
         if kind != b"S" or not name:
