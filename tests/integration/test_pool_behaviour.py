@@ -238,3 +238,31 @@ def test_pool_mode_per_user(proxy_factory) -> None:
         assert proxy.proxy.pinned_count() == 0
         with psycopg.connect(proxy.dsn(), autocommit=True) as app:
             assert app.execute("select pg_backend_pid()").fetchone() != pid
+
+
+def test_a_login_that_asks_only_for_an_application_name_needs_no_server(proxy_factory) -> None:
+    """The server takes a printable ASCII application_name as sent: a client asking for
+    one logs in while the only server connection is held, and has it on its first
+    query; a name the server would change still goes to the server at login."""
+    proxy = proxy_factory(pool={**TRANSACTION_ONE, "connection_borrow_timeout": 1})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as holder:
+        holder.execute("begin")
+        holder.execute("select 1")  # the only server connection is now held
+        started = time.monotonic()
+        with psycopg.connect(proxy.dsn(application_name="checkout-lambda")) as client:
+            assert time.monotonic() - started < 0.9  # no wait for the held connection
+            assert client.info.parameter_status("application_name") == "checkout-lambda"
+            with pytest.raises(errors.TooManyConnections):
+                client.execute("select 1")  # its first query does wait
+            client.rollback()
+            holder.execute("commit")
+            assert client.execute("show application_name").fetchone() == ("checkout-lambda",)
+        holder.execute("begin")
+        holder.execute("select 1")
+        with pytest.raises(psycopg.OperationalError, match="Timed-out"):
+            psycopg.connect(proxy.dsn(application_name="tab\there"))
+        holder.execute("commit")
+        with psycopg.connect(proxy.dsn(application_name="x" * 70), autocommit=True) as client:
+            (shown,) = client.execute("show application_name").fetchone() or ("",)
+            assert shown == "x" * 63  # the server's own truncation, learned at login
+            assert client.info.parameter_status("application_name") == "x" * 63

@@ -41,6 +41,23 @@ def _same_value(name: str, current: str | None, requested: str) -> bool:
     return current == requested
 
 
+def _taken_as_sent(name: str, value: str) -> bool:
+    """Would the server take ``value`` exactly as sent, with nothing to check at login?
+    True for an application_name of printable ASCII that fits in NAMEDATALEN - 1 bytes
+    (PostgreSQL replaces anything else by '?' and truncates longer names): the value
+    most drivers and frameworks send, so a login like that needs no server connection."""
+    return (
+        name == "application_name"
+        and len(value) <= _NAME_MAX
+        and value.isascii()
+        and value.isprintable()
+    )
+
+
+#: NAMEDATALEN - 1: the longest application_name PostgreSQL keeps whole.
+_NAME_MAX = 63
+
+
 def _encoding_key(value: str) -> str:
     return "".join(ch for ch in value.lower() if ch.isalnum())
 
@@ -106,6 +123,28 @@ def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+#: A pool's server defaults by lower-case name, and the tracked ones among them, by the
+#: defaults dict (set once per pool, never changed; held in the value so its id() is not
+#: reused while the entry lives): every login of the pool needs them.
+_LOWERED_DEFAULTS: dict[int, tuple[Mapping[str, str], dict[str, str], dict[str, str]]] = {}
+
+
+def _lowered_defaults(defaults: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(all of ``defaults`` by lower-case name, as ``_lookup`` finds them; the tracked
+    ones), remembered per defaults dict."""
+    cached = _LOWERED_DEFAULTS.get(id(defaults))
+    if cached is not None and cached[0] is defaults:
+        return cached[1], cached[2]
+    lowered: dict[str, str] = {}
+    for key, value in defaults.items():
+        lowered.setdefault(key.lower(), value)
+    tracked = {k: v for k, v in lowered.items() if k in TRACKED_PARAMETERS}
+    if len(_LOWERED_DEFAULTS) >= _REPORTED_BYTES_MAX:
+        _LOWERED_DEFAULTS.clear()
+    _LOWERED_DEFAULTS[id(defaults)] = (defaults, lowered, tracked)
+    return lowered, tracked
+
+
 class ClientParameters(SessionBase):
     def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         requested: dict[str, str] = {}
@@ -127,21 +166,22 @@ class ClientParameters(SessionBase):
     async def _establish_parameters(self, requested: Mapping[str, str]) -> None:
         """Learn the server's parameters and put the client's requested ones in force.
 
-        When the client asks for nothing that differs from the server's defaults, no
-        server round trip is needed (the common case for most drivers).
+        When the client asks for nothing that differs from the server's defaults, or
+        only for what the server takes as sent (``_taken_as_sent``), no server
+        connection is needed at login (the common case for most drivers).
         """
         assert self.pool is not None
         defaults = self.pool.server_parameters
-        needs_server = defaults is None or any(
-            name not in TRACKED_PARAMETERS or not _same_value(name, _lookup(defaults, name), value)
-            for name, value in requested.items()
-        )
-        if not needs_server:
-            assert defaults is not None
-            self.parameters = {
-                k.lower(): v for k, v in defaults.items() if k.lower() in TRACKED_PARAMETERS
-            }
-            return
+        if defaults is not None:
+            lowered, tracked = _lowered_defaults(defaults)
+            if all(
+                name in TRACKED_PARAMETERS
+                and (_same_value(name, lowered.get(name), value) or _taken_as_sent(name, value))
+                for name, value in requested.items()
+            ):
+                # The first link puts them on its connection (_sync_parameters).
+                self.parameters = {**tracked, **requested}
+                return
         # An idle connection is taken at once (sync, as on the serving path's hot path:
         # no cancel scope); otherwise we wait for one.
         conn = self._try_borrow() or await self._borrow()
