@@ -440,7 +440,12 @@ def _enum(cls: type[_E]) -> Callable[[object], _E]:
 def _path(value: object) -> Path | None:
     """A file name; ``""`` means unset. Relative names are resolved later, in ``_Context``."""
     text = _string()(value)
-    return Path(text).expanduser() if text else None
+    if not text:
+        return None
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # '~name' of a user this machine does not know
+        raise _Invalid(f"cannot expand the home directory in {_show(value)}") from None
 
 
 def _file_name(value: object) -> Path:

@@ -501,6 +501,15 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_a_home_directory_that_cannot_be_expanded_is_a_config_error(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_text('[users.a]\nsecret_file = "~no-such-user-x9/secret"\n')
+    with pytest.raises(
+        ConfigError, match=r"\[users\.a\] secret_file: cannot expand the home directory"
+    ):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "content", [b"[proxy\n", b"[proxy]\nlisten = \n", b"a = 1\na = 2\n", b"\xff\xfe"]
 )

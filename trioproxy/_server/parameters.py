@@ -174,13 +174,17 @@ class ClientParameters(SessionBase):
         defaults = self.pool.server_parameters
         if defaults is not None:
             lowered, tracked = _lowered_defaults(defaults)
-            if all(
-                name in TRACKED_PARAMETERS
-                and (_same_value(name, lowered.get(name), value) or _taken_as_sent(name, value))
+            taken = {
+                name: value
                 for name, value in requested.items()
+                if not _same_value(name, lowered.get(name), value)
+            }
+            if all(name in TRACKED_PARAMETERS for name in requested) and all(
+                _taken_as_sent(name, value) for name, value in taken.items()
             ):
-                # The first link puts them on its connection (_sync_parameters).
-                self.parameters = {**tracked, **requested}
+                # As the server spells the defaults; the first link puts the others on
+                # its connection (_sync_parameters).
+                self.parameters = {**tracked, **taken}
                 return
         # An idle connection is taken at once (sync, as on the serving path's hot path:
         # no cancel scope); otherwise we wait for one.
