@@ -33,6 +33,7 @@ from trioproxy._protocol.messages import (
     decode_backend,
 )
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
+from trioproxy._session.pinning import TRACKED_PARAMETERS
 from trioproxy._session.prepared import ServerStatements
 from trioproxy.errors import BackendError, ProtocolError
 
@@ -77,6 +78,24 @@ class ServerConnection:
     address: tuple[str, int] = ("", 0)
     #: Called exactly once when the connection closes (the pool's budget unit).
     on_close: Callable[[], None] | None = None
+    #: The tracked ones among ``parameters``, by lower-case name (as a client's
+    #: ``parameters`` are): one dict comparison tells a client it is in sync here.
+    #: Kept by ``set_parameter``.
+    tracked_parameters: dict[str, str] = attrs.field(init=False)
+
+    @tracked_parameters.default
+    def _tracked_from_parameters(self) -> dict[str, str]:
+        tracked: dict[str, str] = {}
+        for name, value in self.parameters.items():
+            if name.lower() in TRACKED_PARAMETERS:
+                tracked.setdefault(name.lower(), value)
+        return tracked
+
+    def set_parameter(self, name: str, value: str) -> None:
+        """The server reported a parameter's value (ParameterStatus)."""
+        self.parameters[name] = value
+        if name.lower() in TRACKED_PARAMETERS:
+            self.tracked_parameters[name.lower()] = value
 
     @property
     def alive(self) -> bool:
@@ -138,7 +157,7 @@ class ServerConnection:
                 elif message.type == Backend.PARAMETER_STATUS:
                     status = decode_backend(message)
                     assert isinstance(status, ParameterStatus)
-                    self.parameters[status.name] = status.value
+                    self.set_parameter(status.name, status.value)
                 elif message.type == Backend.ERROR_RESPONSE:
                     decoded = decode_backend(message)
                     assert isinstance(decoded, ErrorResponse)

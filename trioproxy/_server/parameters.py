@@ -236,6 +236,9 @@ class ClientParameters(SessionBase):
     def _parameters_in_sync(self, conn: ServerConnection) -> bool:
         """Does the server connection already have this client's session parameters?
         (Asked before every transaction, so sync and cheap: the usual answer is yes.)"""
+        extra_in_sync = self.extra_parameters == conn.extra_parameters
+        if self.parameters == conn.tracked_parameters:  # the usual case: one comparison
+            return extra_in_sync
         server_values = conn.parameters  # as the server spells the names (TimeZone)
         for name, value in self.parameters.items():
             # Look the name up as PostgreSQL spells it, and only if that misses,
@@ -243,7 +246,7 @@ class ClientParameters(SessionBase):
             current = server_values.get(_SERVER_SPELLING.get(name, name))
             if current != value and (current is not None or _lookup(server_values, name) != value):
                 return False
-        return self.extra_parameters == conn.extra_parameters
+        return extra_in_sync
 
     async def _sync_parameters(self, conn: ServerConnection) -> None:
         """Make the server connection's session parameters this client's (one round trip

@@ -457,7 +457,7 @@ class Relay:
                 if type_ == Backend.PARAMETER_STATUS and body is not None:
                     status = decode_backend(Message(type_, body))
                     assert isinstance(status, ParameterStatus)
-                    self.server.parameters[status.name] = status.value
+                    self.server.set_parameter(status.name, status.value)
                     self._on_parameter_status(status)
         except ProtocolError as exc:
             transport.broken = True
