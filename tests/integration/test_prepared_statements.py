@@ -12,6 +12,7 @@ import subprocess
 import asyncpg
 import psycopg
 import pytest
+from psycopg import _connection_base
 
 TRANSACTION = {"pool_mode": "transaction"}
 
@@ -76,6 +77,36 @@ def test_statement_errors_do_not_confuse_the_mapping(proxy_factory) -> None:
             conn.execute("select 1 / %s::int", (0,))
         assert conn.execute("select 1 / %s::int", (1,)).fetchone() == (1,)
         assert conn.execute("select %s::int + 1", (1,)).fetchone() == (2,)
+
+
+def test_psycopg_evicting_with_sql_deallocate(proxy_factory, monkeypatch) -> None:
+    """psycopg with libpq < 17 evicts a prepared statement with SQL ``DEALLOCATE name``
+    (protocol Close needs libpq 17): the proxy answers it for the client's name, in and
+    out of transaction blocks, and the evicted statement is prepared again when needed.
+    A DEALLOCATE of a name the client never prepared fails as PostgreSQL fails it."""
+    monkeypatch.setattr(_connection_base, "_HAS_SEND_CLOSE", False)
+    sent: list[bytes] = []
+    exec_command = _connection_base.BaseConnection._exec_command
+
+    def spy(self, command, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(bytes(command))
+        return exec_command(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(_connection_base.BaseConnection, "_exec_command", spy)
+    proxy = proxy_factory(pool={**TRANSACTION, "max_connections": 2})
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        conn.prepared_max = 2
+        for i in range(30):
+            n = i % 5  # five statements through a cache of two: evictions all along
+            assert conn.execute(f"select {n}::int + %s::int", (i,)).fetchone() == (n + i,)
+        with conn.transaction():
+            for i in range(10):
+                n = i % 4
+                assert conn.execute(f"select {n}::int * %s::int", (i,)).fetchone() == (n * i,)
+        assert sum(c.startswith(b"DEALLOCATE _pg3_") for c in sent) >= 20
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            conn.execute("deallocate never_prepared")
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_small_statement_cache_evicts_and_reprepares(proxy_factory) -> None:

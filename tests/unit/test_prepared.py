@@ -13,11 +13,18 @@ from trioproxy._protocol.messages import (
     Describe,
     Execute,
     Parse,
+    Query,
     Sync,
     decode_frontend,
     frame,
 )
-from trioproxy._session.prepared import NOOP_CLOSE, ServerStatements, StatementDef, StatementMapper
+from trioproxy._session.prepared import (
+    NOOP_CLOSE,
+    ServerStatements,
+    StatementDef,
+    StatementMapper,
+    deallocated_name,
+)
 
 PC = frame(Backend.PARSE_COMPLETE, b"")
 BC = frame(Backend.BIND_COMPLETE, b"")
@@ -146,3 +153,52 @@ def test_any_sequence_of_binds_gets_exactly_its_own_answers(names, capacity) -> 
         assert linked.idle
         assert server_name in servers[i % 2]
         assert len(servers[i % 2]) <= capacity
+
+
+EMPTY = frame(Backend.EMPTY_QUERY_RESPONSE, b"")
+ZT = frame(Backend.READY_FOR_QUERY, b"T")
+
+
+def test_sql_deallocate_of_a_protocol_name_is_answered_for_the_client() -> None:
+    """``DEALLOCATE [PREPARE] name`` of a name the client prepared by protocol: the
+    client forgets it (the shared server statement stays), the server gets an empty
+    Query, and its answer comes back as DEALLOCATE's, in the server's transaction state."""
+    mapper, server = StatementMapper(), ServerStatements(10)
+    linked = mapper.link(server)
+    send(linked, Parse("_pg3_0", "select 1"), Parse("Mixed", "select 2"), Sync())
+    answer(linked, PC, PC, ZI)
+    assert send(linked, Query("DEALLOCATE _pg3_0")) == [Query("")]
+    assert "_pg3_0" not in mapper.statements
+    assert StatementDef.from_parse("select 1", ()).server_name in server
+    done = frame(Backend.COMMAND_COMPLETE, b"DEALLOCATE\0")
+    assert answer(linked, EMPTY, ZT) == done + ZT
+    assert linked.idle
+    # Folded as the server folds names: unquoted lower-case, quoted as written.
+    assert send(linked, Query("deallocate prepare mixed")) == [Query("deallocate prepare mixed")]
+    answer(linked, ERR, ZI)
+    assert send(linked, Query(' deallocate "Mixed" ; ')) == [Query("")]
+    assert answer(linked, EMPTY, ZI) == done + ZI
+    assert mapper.statements == {}
+
+
+def test_other_deallocates_go_to_the_server_untouched() -> None:
+    mapper, server = StatementMapper(), ServerStatements(10)
+    linked = mapper.link(server)
+    send(linked, Parse("s1", "select 1"), Sync())
+    answer(linked, PC, ZI)
+    for sql in (
+        "deallocate all",
+        "deallocate s2",
+        "deallocate s1; select 1",
+        "select 1 /* deallocate s1 */",
+        "deallocate 's1'",
+    ):
+        assert send(linked, Query(sql)) == [Query(sql)], sql
+        answer(linked, CMD, ZI)
+    assert "s1" in mapper.statements
+
+
+@given(st.text(max_size=30))
+def test_deallocated_name_never_raises(sql: str) -> None:
+    name = deallocated_name(sql.encode() + b"\0")
+    assert name is None or sql.strip().lower().startswith("deallocate")

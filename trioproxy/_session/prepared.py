@@ -36,6 +36,7 @@ import attrs
 from trioproxy._protocol.codes import Backend, Frontend
 from trioproxy._protocol.messages import Close, Parse, frame
 from trioproxy._session.express import harmless_select
+from trioproxy._session.sqlscan import StateKind, classify, split_statements
 from trioproxy.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -46,6 +47,29 @@ _NOOP_PORTAL: Final = "_trioproxy_noop"
 #: A Close of a portal nobody has: always answered by CloseComplete, never an error.
 NOOP_CLOSE: Final = Close(b"P", _NOOP_PORTAL).encode()
 _PARSE_COMPLETE: Final = frame(Backend.PARSE_COMPLETE, b"")
+#: A Query the server answers with EmptyQueryResponse and ReadyForQuery, in any
+#: transaction state, touching nothing.
+_EMPTY_QUERY: Final = frame(Frontend.QUERY, b"\0")
+_DEALLOCATE_COMPLETE: Final = frame(Backend.COMMAND_COMPLETE, b"DEALLOCATE\0")
+
+
+def deallocated_name(sql_body: bytes) -> str | None:
+    """The statement name, if a Query's body (SQL and its NUL) is exactly one
+    ``DEALLOCATE [PREPARE] name`` (the name folded as the server folds it)."""
+    head = sql_body[:40].lstrip().lower()
+    if not head.startswith(b"deallocate"):
+        return None  # the usual case, without decoding
+    try:
+        sql = sql_body[:-1].decode()
+    except UnicodeDecodeError:
+        return None
+    statements = split_statements(sql)
+    if len(statements) != 1 or statements[0].incomplete:
+        return None
+    effect = classify(statements[0])
+    if effect.unpin is not StateKind.PREPARED_STATEMENT:
+        return None
+    return effect.name
 
 
 def _cstring(body: bytes, pos: int) -> tuple[str, int]:
@@ -137,6 +161,7 @@ class Act(enum.Enum):
     FORWARD = "forward"
     SWALLOW = "swallow"  # an answer to something the proxy injected
     AS_PARSE_COMPLETE = "as ParseComplete"  # the no-op Close that stands for a Parse
+    AS_DEALLOCATE = "as DEALLOCATE"  # the empty Query that stands for DEALLOCATE name
 
 
 #: Server message types that end the answer to each kind of request.
@@ -242,6 +267,16 @@ class LinkedMapper:
             rewritten = self._rewrite_named(type_, body, out)
             if rewritten is not None:
                 return b"".join(out) + rewritten
+        elif type_ == Frontend.QUERY:
+            deallocated = deallocated_name(body)
+            if deallocated is not None and deallocated in self.mapper.statements:
+                # SQL DEALLOCATE of a protocol-level name (psycopg with libpq < 17 evicts
+                # statements this way): the server knows only the shared server name, so
+                # the client forgets its name, as for a Close, and the server answers an
+                # empty Query in the transaction state it is in.
+                del self.mapper.statements[deallocated]
+                self.expect.append(Expect(Frontend.QUERY, Act.AS_DEALLOCATE))
+                return _EMPTY_QUERY
         if type_ in _ENDS:
             self.expect.append(Expect(type_))
         return b"".join(out) + raw
@@ -295,6 +330,8 @@ class LinkedMapper:
             return b""
         if head.act is Act.AS_PARSE_COMPLETE:
             return _PARSE_COMPLETE if type_ == Backend.CLOSE_COMPLETE else raw
+        if head.act is Act.AS_DEALLOCATE:
+            return _DEALLOCATE_COMPLETE if type_ == Backend.EMPTY_QUERY_RESPONSE else raw
         return raw
 
     def forget_all(self) -> None:
