@@ -93,6 +93,34 @@ def test_ledger_shares_the_cap_and_who_is_waiting(tmp_path: Path) -> None:
             ledger.close()
 
 
+def test_ledger_sums_every_slot_and_counts_active_workers(tmp_path: Path) -> None:
+    """The sums read every slot at once: the last worker's counts as much as the first's,
+    and a worker's own wanting is never 'elsewhere'."""
+    path = tmp_path / "budget"
+    supervisor = SharedLedger(path, None, create=True)
+    first, last = SharedLedger(path, 0), SharedLedger(path, MAX_WORKERS - 1)
+    idle = SharedLedger(path, 5)
+    try:
+        assert supervisor.active_workers() == 0
+        assert first.try_take(10)
+        assert last.try_take(10)
+        assert last.try_take(10)
+        last.set_wanting(4)
+        first.set_wanting(1)
+        assert supervisor.total_used() == 3
+        assert (first.wanting_elsewhere(), last.wanting_elsewhere()) == (4, 1)
+        assert idle.wanting_elsewhere() == 5
+        assert supervisor.wanting_elsewhere() == 5
+        assert supervisor.active_workers() == 2
+        first.give_back()
+        first.set_wanting(0)
+        assert supervisor.active_workers() == 1
+        assert supervisor.used_by(MAX_WORKERS - 1) == 2
+    finally:
+        for ledger in (first, last, idle, supervisor):
+            ledger.close()
+
+
 def test_a_file_that_is_not_a_ledger_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "budget"
     path.write_bytes(b"\0" * 4096)

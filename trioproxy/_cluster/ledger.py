@@ -36,6 +36,9 @@ _HEADER_WORDS = 2
 _SLOT_WORDS = 4  # used, wanting, pid, spare
 _USED, _WANTING, _PID = 0, 1, 2
 SIZE = _WORD.size * (_HEADER_WORDS + _SLOT_WORDS * MAX_WORKERS)
+#: Every slot's words in one read: the sums below are asked at each release of a server
+#: connection (``ServerBudget.should_shed``), so one C call, not one per word.
+_SLOTS = struct.Struct(f"={_SLOT_WORDS * MAX_WORKERS}q")
 
 
 class SharedLedger:
@@ -89,8 +92,11 @@ class SharedLedger:
     def cap(self, value: int) -> None:
         self._put(1, value)
 
+    def _slots(self) -> tuple[int, ...]:
+        return _SLOTS.unpack_from(self._map, _HEADER_WORDS * _WORD.size)
+
     def total_used(self) -> int:
-        return sum(self._get(self._slot(w, _USED)) for w in range(MAX_WORKERS))
+        return sum(self._slots()[_USED::_SLOT_WORDS])
 
     def used_by(self, worker: int) -> int:
         return self._get(self._slot(worker, _USED))
@@ -125,16 +131,19 @@ class SharedLedger:
 
     def active_workers(self) -> int:
         """Workers holding units or waiting for them (the fair share's divisor)."""
+        slots = self._slots()
         return sum(
             1
-            for w in range(MAX_WORKERS)
-            if self._get(self._slot(w, _USED)) or self._get(self._slot(w, _WANTING))
+            for used, wanting in zip(
+                slots[_USED::_SLOT_WORDS], slots[_WANTING::_SLOT_WORDS], strict=True
+            )
+            if used or wanting
         )
 
     def wanting_elsewhere(self) -> int:
-        return sum(
-            self._get(self._slot(w, _WANTING)) for w in range(MAX_WORKERS) if w != self.worker_id
-        )
+        wanting = self._slots()[_WANTING::_SLOT_WORDS]
+        own = wanting[self.worker_id] if self.worker_id is not None else 0
+        return sum(wanting) - own
 
     # --- the supervisor ---------------------------------------------------------------------
 
