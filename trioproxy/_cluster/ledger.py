@@ -23,6 +23,7 @@ import fcntl
 import mmap
 import os
 import struct
+from operator import or_
 from typing import TYPE_CHECKING
 
 from trioproxy._cluster.keys import MAX_WORKERS
@@ -132,13 +133,9 @@ class SharedLedger:
     def active_workers(self) -> int:
         """Workers holding units or waiting for them (the fair share's divisor)."""
         slots = self._slots()
-        return sum(
-            1
-            for used, wanting in zip(
-                slots[_USED::_SLOT_WORDS], slots[_WANTING::_SLOT_WORDS], strict=True
-            )
-            if used or wanting
-        )
+        # Counted in C (map/or_), not a generator: asked at releases while clients wait.
+        held_or_wanted = map(or_, slots[_USED::_SLOT_WORDS], slots[_WANTING::_SLOT_WORDS])
+        return sum(map(bool, held_or_wanted))
 
     def wanting_elsewhere(self) -> int:
         wanting = self._slots()[_WANTING::_SLOT_WORDS]
