@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioproxy._protocol.codes import Backend, Frontend
-from trioproxy._protocol.framing import StreamScanner
+from trioproxy._protocol.framing import MessageReader, StreamScanner
 from trioproxy._protocol.messages import (
     Bind,
     Close,
@@ -355,22 +355,13 @@ def test_an_express_bind_sends_what_the_statement_mapper_would(
     _name, start, end = found
     express = definition.bind_message(b"", request[start:end]) + request[end:]
     linked = mapper.link(held)
+    reader = MessageReader()
+    reader.feed(request)
     general = b"".join(
-        linked.client_message(type_, body, raw) for type_, body, raw in _messages(request)
+        linked.client_message(m.type, m.body, frame(m.type, m.body)) for m in reader.messages()
     )
     assert express == general
     for answer in (b"2", b"T", b"D", b"C", b"Z"):
         raw = frame(ord(answer), b"")
         assert linked.server_message(ord(answer), raw) == raw
     assert linked.idle
-
-
-def _messages(request: bytes) -> list[tuple[int, bytes, bytes]]:
-    """(type, body, raw) of each whole message in ``request``."""
-    out = []
-    pos = 0
-    while pos < len(request):
-        end = pos + 1 + int.from_bytes(request[pos + 1 : pos + 5], "big")
-        out.append((request[pos], request[pos + 5 : end], request[pos:end]))
-        pos = end
-    return out

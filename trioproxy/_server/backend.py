@@ -33,7 +33,7 @@ from trioproxy._protocol.messages import (
     decode_backend,
 )
 from trioproxy._server.transport import Transport, TransportClosed, open_tcp
-from trioproxy._session.pinning import TRACKED_PARAMETERS
+from trioproxy._session.pinning import TRACKED_PARAMETERS, tracked_by_name
 from trioproxy._session.prepared import ServerStatements
 from trioproxy.errors import BackendError, ProtocolError
 
@@ -85,11 +85,7 @@ class ServerConnection:
 
     @tracked_parameters.default
     def _tracked_from_parameters(self) -> dict[str, str]:
-        tracked: dict[str, str] = {}
-        for name, value in self.parameters.items():
-            if name.lower() in TRACKED_PARAMETERS:
-                tracked.setdefault(name.lower(), value)
-        return tracked
+        return tracked_by_name(self.parameters)
 
     def set_parameter(self, name: str, value: str) -> None:
         """The server reported a parameter's value (ParameterStatus)."""

@@ -712,6 +712,8 @@ class ClientSession(ClientAuthentication, ClientParameters):
         """(Data plane) Is ``request`` a run of a statement this client prepared whose
         Bind may go express (``express_bind``, ``StatementDef.express``)? Noted for
         ``link_express``."""
+        if request[0] != Frontend.BIND:
+            return False  # (asked of every request express_query turned down)
         found = express_bind(request, self.config.proxy.max_message_size)
         if found is None:
             return False

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 
 from trioproxy._protocol.messages import parameter_status_bytes
 from trioproxy._server.session_base import SessionBase
-from trioproxy._session.pinning import (
-    TRACKED_PARAMETERS,
-)
+from trioproxy._session.pinning import TRACKED_PARAMETERS, tracked_by_name
 from trioproxy.errors import (
     AuthenticationFailed,
     SQLState,
@@ -123,28 +121,6 @@ def _lookup(parameters: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-#: A pool's server defaults by lower-case name, and the tracked ones among them, by the
-#: defaults dict (set once per pool, never changed; held in the value so its id() is not
-#: reused while the entry lives): every login of the pool needs them.
-_LOWERED_DEFAULTS: dict[int, tuple[Mapping[str, str], dict[str, str], dict[str, str]]] = {}
-
-
-def _lowered_defaults(defaults: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(all of ``defaults`` by lower-case name, as ``_lookup`` finds them; the tracked
-    ones), remembered per defaults dict."""
-    cached = _LOWERED_DEFAULTS.get(id(defaults))
-    if cached is not None and cached[0] is defaults:
-        return cached[1], cached[2]
-    lowered: dict[str, str] = {}
-    for key, value in defaults.items():
-        lowered.setdefault(key.lower(), value)
-    tracked = {k: v for k, v in lowered.items() if k in TRACKED_PARAMETERS}
-    if len(_LOWERED_DEFAULTS) >= _REPORTED_BYTES_MAX:
-        _LOWERED_DEFAULTS.clear()
-    _LOWERED_DEFAULTS[id(defaults)] = (defaults, lowered, tracked)
-    return lowered, tracked
-
-
 class ClientParameters(SessionBase):
     def _requested_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         requested: dict[str, str] = {}
@@ -173,15 +149,15 @@ class ClientParameters(SessionBase):
         assert self.pool is not None
         defaults = self.pool.server_parameters
         if defaults is not None:
-            lowered, tracked = _lowered_defaults(defaults)
+            tracked = tracked_by_name(defaults)
+            # What differs from the defaults (an untracked name always does: it has none
+            # here, and is never taken as sent).
             taken = {
                 name: value
                 for name, value in requested.items()
-                if not _same_value(name, lowered.get(name), value)
+                if not _same_value(name, tracked.get(name), value)
             }
-            if all(name in TRACKED_PARAMETERS for name in requested) and all(
-                _taken_as_sent(name, value) for name, value in taken.items()
-            ):
+            if all(_taken_as_sent(name, value) for name, value in taken.items()):
                 # As the server spells the defaults; the first link puts the others on
                 # its connection (_sync_parameters).
                 self.parameters = {**tracked, **taken}
@@ -190,9 +166,7 @@ class ClientParameters(SessionBase):
         # no cancel scope); otherwise we wait for one.
         conn = self._try_borrow() or await self._borrow()
         try:
-            self.parameters = {
-                k.lower(): v for k, v in conn.parameters.items() if k.lower() in TRACKED_PARAMETERS
-            }
+            self.parameters = dict(conn.tracked_parameters)
             # The server's defaults for the untracked ones are whatever RESET gives.
             self.extra_parameters = {
                 k: v for k, v in requested.items() if k not in TRACKED_PARAMETERS
@@ -203,9 +177,7 @@ class ClientParameters(SessionBase):
                     self.parameters[name] = value
             await self._sync_parameters(conn)
             # Adopt the server's spelling of what it accepted (e.g. 'ISO, MDY').
-            for name, value in conn.parameters.items():
-                if name.lower() in TRACKED_PARAMETERS:
-                    self.parameters[name.lower()] = value
+            self.parameters.update(conn.tracked_parameters)
         finally:
             self._give_back_server()
 
@@ -256,7 +228,7 @@ class ClientParameters(SessionBase):
         # set_config takes the value as the server printed it (a list such as
         # search_path '"$user", public' included), which SET name TO 'literal' does not.
         changes: list[str] = []
-        server_values = {k.lower(): v for k, v in conn.parameters.items()}
+        server_values = conn.tracked_parameters
         for name, value in self.parameters.items():
             if server_values.get(name) != value:
                 changes.append(f"({_quote_literal(name)}, {_quote_literal(value)})")

@@ -29,7 +29,10 @@ statement text, above all in the extended protocol's Parse).
 from __future__ import annotations
 
 import functools
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 from trioproxy._session.sqlscan import (
     EffectKind,
@@ -51,6 +54,18 @@ TRACKED_PARAMETERS: Final = frozenset(
         "standard_conforming_strings",
     }
 )
+
+
+def tracked_by_name(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The tracked ones among ``parameters`` (as a server reports them: ``TimeZone``),
+    by lower-case name, as a client's session holds them."""
+    tracked: dict[str, str] = {}
+    for name, value in parameters.items():
+        lower = name.lower()
+        if lower in TRACKED_PARAMETERS:
+            tracked.setdefault(lower, value)
+    return tracked
+
 
 #: Every pin needs one of these in the text (case-insensitively): ``temp`` (TEMP,
 #: TEMPORARY, pg_temp), ``hold``, ``listen``, ``advisory_lock``, ``prepare``, ``load``,

@@ -99,7 +99,8 @@ class StatementDef:
             sql.encode() + b"\0" + b",".join(str(t).encode() for t in param_types),
             usedforsecurity=False,
         ).hexdigest()[:24]
-        return cls(sql, param_types, f"_tp{digest}", express=_express_sql(sql))
+        # (Non-ASCII text is never express: harmless_select checks.)
+        return cls(sql, param_types, f"_tp{digest}", express=harmless_select(sql.encode()))
 
     def parse_message(self) -> bytes:
         return Parse(self.server_name, self.sql, self.param_types).encode()
@@ -108,13 +109,6 @@ class StatementDef:
         """A client's Bind of this statement, as the server gets it: the server name
         instead of the client's, and ``parameters`` (all that followed the two names)."""
         return frame(Frontend.BIND, portal + b"\0" + self.server_name.encode() + b"\0" + parameters)
-
-
-def _express_sql(sql: str) -> bool:
-    try:
-        return harmless_select(sql.encode("ascii"))
-    except UnicodeEncodeError:
-        return False
 
 
 class ServerStatements:
